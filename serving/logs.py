@@ -1,0 +1,48 @@
+"""One log line per event, as text for people or JSON (LOG_FORMAT=json) for log collectors."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+
+import settings
+
+
+class _JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        line = {
+            "time": self.formatTime(record, "%Y-%m-%dT%H:%M:%S"),
+            "level": record.levelname,
+            "process": f"{record.name}[{record.process}]",
+            "message": record.getMessage(),
+        }
+        line.update(getattr(record, "fields", {}))
+        if record.exc_info:
+            line["exception"] = self.formatException(record.exc_info)
+        return json.dumps(line)
+
+
+class _TextFormatter(logging.Formatter):
+    def __init__(self) -> None:
+        super().__init__("%(asctime)s %(levelname)s %(name)s[%(process)d] %(message)s")
+
+    def format(self, record: logging.LogRecord) -> str:
+        fields = getattr(record, "fields", {})
+        extra = "".join(f" {key}={value}" for key, value in fields.items())
+        return super().format(record) + extra
+
+
+def setup(name: str) -> None:
+    """Log to stderr at LOG_LEVEL in LOG_FORMAT; `name` tags the lines of this process."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(_JsonFormatter() if settings.LOG_FORMAT == "json" else _TextFormatter())
+    logging.basicConfig(level=settings.LOG_LEVEL, handlers=[handler], force=True)
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow's C++ start-up chatter
+    logging.getLogger(name).debug("logging as %s", settings.LOG_FORMAT)
+
+
+def event(logger: logging.Logger, message: str, **fields: object) -> None:
+    """Log one event with named fields (request_id=..., status=...) kept as fields in JSON."""
+    logger.info(message, extra={"fields": fields})

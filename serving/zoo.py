@@ -1,0 +1,151 @@
+"""The models we serve: how to load each, its preprocessing and its class names.
+
+Only the model server imports this module (it imports Keras); the web tier learns what it needs
+from the ModelInfo the model server publishes.
+"""
+
+from __future__ import annotations
+
+import os
+import pathlib
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+
+from serving.wire import ModelInfo
+
+_HERE = pathlib.Path(__file__).resolve().parent
+REPO = _HERE.parent
+IMAGENET_CLASSES = _HERE / "data" / "imagenet_classes.txt"
+DIGITS = REPO / "models" / "digits.keras"
+
+PREPROCESS_MODES = ("caffe", "tf", "torch", "none")
+
+
+class ModelUnavailable(RuntimeError):
+    """The model cannot be loaded; the message tells a person what to do."""
+
+
+@dataclass(frozen=True)
+class _App:
+    """A keras.applications model: constructor name, ImageNet preprocessing, weights file name."""
+
+    constructor: str
+    preprocess: str
+    weights_file: str
+
+
+# The weights file names are what keras.applications caches under ~/.keras/models.
+APPLICATIONS = {
+    "resnet50": _App("ResNet50", "caffe", "resnet50_weights_tf_dim_ordering_tf_kernels.h5"),
+    "mobilenet_v2": _App("MobileNetV2", "tf", "mobilenet_v2_weights_tf_dim_ordering_tf_kernels_1.0_224.h5"),
+    "efficientnet_b0": _App("EfficientNetB0", "none", "efficientnetb0.h5"),
+}
+
+
+@dataclass
+class Servable:
+    """A loaded model ready to classify uint8 image batches."""
+
+    info: ModelInfo
+    labels: list[str]
+    model: object  # keras.Model
+    preprocess: Callable[[np.ndarray], np.ndarray]
+
+    def predict(self, batch: np.ndarray) -> np.ndarray:
+        """Class probabilities, shape (len(batch), num_classes), for a uint8 batch."""
+        x = self.preprocess(batch.astype(np.float32))
+        out = np.asarray(self.model.predict_on_batch(x), np.float64)
+        return _as_probabilities(out)
+
+
+def load(name: str, weights: str = "imagenet", labels: str = "", preprocess: str = "") -> Servable:
+    """Load a zoo model by name, or a .keras/.h5 file by path."""
+    if name in APPLICATIONS:
+        model, mode, names = _load_application(name, weights), APPLICATIONS[name].preprocess, _imagenet_labels()
+    elif name == "digits":
+        model, mode, names = _load_file(DIGITS), "none", [str(d) for d in range(10)]
+    elif name.endswith((".keras", ".h5")):
+        model = _load_file(pathlib.Path(name))
+        mode, names = preprocess or "none", _file_labels(labels, model.output_shape[-1])
+    else:
+        raise ModelUnavailable(
+            f"unknown MODEL {name!r}: use one of {', '.join([*APPLICATIONS, 'digits'])} or a path to a .keras/.h5 file"
+        )
+    return Servable(_model_info(name, model, len(names)), names, model, _preprocessor(mode))
+
+
+def _load_application(name: str, weights: str) -> object:
+    import keras
+
+    app = APPLICATIONS[name]
+    cached = pathlib.Path(os.environ.get("KERAS_HOME", pathlib.Path.home() / ".keras")) / "models" / app.weights_file
+    if weights != "imagenet" and not pathlib.Path(weights).is_file():
+        raise ModelUnavailable(f"MODEL_WEIGHTS={weights} is not a file")
+    try:
+        return getattr(keras.applications, app.constructor)(weights=weights)
+    except Exception as exc:  # Keras raises a bare Exception when the download fails
+        raise ModelUnavailable(
+            f"could not load the ImageNet weights for {name} ({exc}).\n"
+            f"Keras looks for {cached}; on a machine with internet it downloads them there once.\n"
+            f"Offline, copy {app.weights_file} to that path or point MODEL_WEIGHTS=/path/to/{app.weights_file},\n"
+            "or run the small model shipped in the repo: MODEL=digits"
+        ) from None
+
+
+def _load_file(path: pathlib.Path) -> object:
+    import keras
+
+    if not path.is_file():
+        raise ModelUnavailable(f"model file {path} does not exist")
+    try:
+        return keras.saving.load_model(path, compile=False)
+    except Exception as exc:
+        raise ModelUnavailable(f"could not load model file {path}: {exc}") from None
+
+
+def _imagenet_labels() -> list[str]:
+    return IMAGENET_CLASSES.read_text().splitlines()
+
+
+def _file_labels(path: str, num_classes: int) -> list[str]:
+    if not path:
+        return [str(i) for i in range(num_classes)]
+    names = [line.strip() for line in pathlib.Path(path).read_text().splitlines() if line.strip()]
+    if len(names) != num_classes:
+        raise ModelUnavailable(f"LABELS={path} has {len(names)} names but the model has {num_classes} classes")
+    return names
+
+
+def _model_info(name: str, model: object, num_classes: int) -> ModelInfo:
+    _, height, width, channels = model.input_shape
+    if None in (height, width, channels):
+        raise ModelUnavailable(f"the model's input shape {model.input_shape} must be fixed (height, width, channels)")
+    if channels not in (1, 3):
+        raise ModelUnavailable(f"the model takes {channels} channels; only 1 (grayscale) or 3 (RGB) are supported")
+    return ModelInfo(name=name, height=height, width=width, channels=channels, num_classes=num_classes)
+
+
+def _preprocessor(mode: str) -> Callable[[np.ndarray], np.ndarray]:
+    if mode not in PREPROCESS_MODES:
+        raise ModelUnavailable(f"PREPROCESS={mode!r}: use one of {', '.join(PREPROCESS_MODES)}")
+    if mode == "none":
+        return lambda x: x
+    from keras.applications import imagenet_utils
+
+    return lambda x: imagenet_utils.preprocess_input(x, data_format="channels_last", mode=mode)
+
+
+def _as_probabilities(out: np.ndarray) -> np.ndarray:
+    """Models that end in logits rather than softmax still answer with probabilities."""
+    if out.min() >= 0 and np.allclose(out.sum(axis=1), 1.0, atol=1e-3):
+        return out
+    shifted = np.exp(out - out.max(axis=1, keepdims=True))
+    return shifted / shifted.sum(axis=1, keepdims=True)
+
+
+def top_k(probabilities: np.ndarray, labels: list[str], k: int) -> list[dict]:
+    """The k most probable classes of one image, most probable first."""
+    best = np.argsort(-probabilities, kind="stable")[:k]
+    return [{"label": labels[i], "probability": float(probabilities[i])} for i in best]
