@@ -1,0 +1,20 @@
+"""Gunicorn configuration for the web tier (python web_server.py starts gunicorn with it)."""
+
+import settings
+
+bind = f"0.0.0.0:{settings.PORT}"
+workers = settings.WEB_WORKERS
+# Each request spends nearly all its time waiting on Redis for its answer: gevent lets one
+# worker hold a thousand of those at once for the cost of a greenlet each.
+worker_class = "gevent"
+worker_connections = 1000
+# On SIGTERM a worker stops accepting and gets this long to finish the requests it holds,
+# which by then wait at most REQUEST_TIMEOUT_S for their answer.
+graceful_timeout = int(settings.REQUEST_TIMEOUT_S) + 5
+timeout = int(settings.REQUEST_TIMEOUT_S) + 30
+keepalive = 30  # load balancers and stress_test.py reuse connections
+accesslog = None  # the app logs one line per request itself, with its request id
+loglevel = settings.LOG_LEVEL.lower()
+# gunicorn's control socket sits at one fixed path per user, so a second server on the same
+# host would take it over; we manage workers with signals instead.
+control_socket_disable = True
