@@ -1,0 +1,144 @@
+"""Start and stop the processes of a local stack: used by `make run`, the tests and the benchmark."""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+
+import redis
+
+REPO = pathlib.Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_until(condition: Callable[[], bool], timeout_s: float, what: str, process: subprocess.Popen | None = None) -> None:
+    """Poll `condition` until true; fail early, with `what`, if `process` dies or time runs out."""
+    give_up = time.monotonic() + timeout_s
+    while not condition():
+        if process is not None and process.poll() is not None:
+            raise RuntimeError(f"{what}: the process exited with {process.returncode}")
+        if time.monotonic() > give_up:
+            raise TimeoutError(f"{what}: not ready after {timeout_s:g} s")
+        time.sleep(0.05)
+
+
+def redis_answers(url: str) -> bool:
+    try:
+        return bool(redis.Redis.from_url(url, socket_connect_timeout=1).ping())
+    except redis.RedisError:
+        return False
+
+
+def start_redis(port: int, password: str | None = None, bind: str = "127.0.0.1") -> subprocess.Popen:
+    """A throwaway redis-server that keeps nothing on disk."""
+    server = shutil.which("redis-server")
+    if server is None:
+        raise FileNotFoundError(
+            "redis-server is not installed. Install it (Debian/Ubuntu: sudo apt-get install redis-server; "
+            "macOS: brew install redis), or point REDIS_URL at a running Redis."
+        )
+    args = [server, "--port", str(port), "--bind", bind, "--save", "", "--appendonly", "no"]
+    if password:
+        args += ["--requirepass", password]
+    process = subprocess.Popen(args, stdout=subprocess.DEVNULL)
+    url = f"redis://:{password}@127.0.0.1:{port}/0" if password else f"redis://127.0.0.1:{port}/0"
+    wait_until(lambda: redis_answers(url), 10, "redis-server", process)
+    return process
+
+
+def start_python(script: str, env: dict[str, str], log_path: pathlib.Path | None = None) -> subprocess.Popen:
+    """Run one of the repo's entry points with extra environment, its output to log_path."""
+    out = open(log_path, "ab") if log_path else None  # noqa: SIM115 (the child owns it)
+    return subprocess.Popen(
+        [sys.executable, str(REPO / script)],
+        cwd=REPO,
+        env={**os.environ, **env},
+        stdout=out,
+        stderr=subprocess.STDOUT if out else None,
+    )
+
+
+def stop(process: subprocess.Popen, timeout_s: float = 40) -> int:
+    """SIGTERM, and SIGKILL if it has not exited in time; its exit status."""
+    if process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+    try:
+        return process.wait(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        return process.wait()
+
+
+class Stack:
+    """A throwaway Redis with model and web servers around it, each logging to its own file."""
+
+    def __init__(self, workdir: pathlib.Path, **env: str) -> None:
+        self.workdir = workdir
+        workdir.mkdir(parents=True, exist_ok=True)
+        self.redis_port = free_port()
+        self.redis_process = start_redis(self.redis_port)
+        self.redis_url = f"redis://127.0.0.1:{self.redis_port}/0"
+        self.env = {"REDIS_URL": self.redis_url, "MODEL": "digits", **env}
+        self.processes: list[subprocess.Popen] = []
+        self.model_logs: list[pathlib.Path] = []
+
+    def redis(self) -> redis.Redis:
+        return redis.Redis.from_url(self.redis_url)
+
+    def model_server(self, **env: str) -> subprocess.Popen:
+        """Start one more model server and wait until it takes jobs."""
+        log_path = self.workdir / f"model-{len(self.model_logs)}.log"
+        self.model_logs.append(log_path)
+        process = self._start("model_server.py", log_path, env)
+        wait_until(lambda: b" serving " in log_path.read_bytes(), 120, f"model server ({log_path})", process)
+        return process
+
+    def web_server(self, **env: str) -> str:
+        """Start a web server on a free port; its base URL once it answers /health."""
+        port = free_port()
+        process = self._start("web_server.py", self.workdir / f"web-{port}.log", {"PORT": str(port), **env})
+        url = f"http://127.0.0.1:{port}"
+        wait_until(lambda: _http_ok(f"{url}/health"), 60, f"web server on {port}", process)
+        return url
+
+    def batches(self) -> list[tuple[int, list[str]]]:
+        """Every batch the model servers logged: (size, request ids)."""
+        found = []
+        for path in self.model_logs:
+            for line in path.read_text(errors="replace").splitlines():
+                if " batch size=" in line:
+                    fields = dict(part.split("=", 1) for part in line.split() if "=" in part)
+                    found.append((int(fields["size"]), fields["request_ids"].split(",")))
+        return found
+
+    def close(self) -> None:
+        for process in reversed(self.processes):
+            stop(process, timeout_s=10)
+        stop(self.redis_process, timeout_s=10)
+
+    def _start(self, script: str, log_path: pathlib.Path, env: dict[str, str]) -> subprocess.Popen:
+        process = start_python(script, {**self.env, **env}, log_path)
+        self.processes.append(process)
+        return process
+
+
+def _http_ok(url: str) -> bool:
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(url, timeout=2) as response:
+            return response.status == 200
+    except OSError:
+        return False
