@@ -21,12 +21,14 @@ from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
 import settings
 from serving import images, logs, queue, wire
+from serving.pages import pages
 from serving.upload import ApiError, parse_top_k, read_image
 
 log = logging.getLogger("web")
 app = Flask(__name__)
 app.config["MAX_CONTENT_LENGTH"] = int(settings.MAX_UPLOAD_MB * 1024 * 1024)
 app.json.sort_keys = False  # keep "success" first, as the contract shows it
+app.register_blueprint(pages)
 
 # How long a web worker trusts the model info it read from Redis before reading it again.
 MODEL_INFO_TTL_S = 2.0
