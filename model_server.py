@@ -17,7 +17,7 @@ import numpy as np
 import redis
 
 import settings
-from serving import logs, queue, wire, zoo
+from serving import logs, metrics, queue, wire, zoo
 
 log = logging.getLogger("model_server")
 
@@ -57,39 +57,41 @@ class ModelServer:
         raw = self.queue.take_batch(settings.BATCH_SIZE, settings.BATCH_WAIT_MS / 1000, BLOCK_S)
         if not raw:
             return
-        jobs = self._valid_jobs(raw)
+        jobs, expired, malformed = self._sort_out(raw)
+        started = time.perf_counter()
         try:
             results = self._predict(jobs) if jobs else {}
         except Exception as exc:  # e.g. out of memory: fail this batch, not the server
             log.exception("predict failed on a batch of %d", len(jobs))
             results = {job.request_id: wire.encode_failure(type(exc).__name__) for job in jobs}
+        seconds = time.perf_counter() - started
         self.queue.answer(results, settings.RESULT_TTL_S)
+        if jobs:
+            ids = ",".join(job.request_id for job in jobs)
+            logs.event(log, "batch", size=len(jobs), model_ms=round(seconds * 1000, 1), request_ids=ids)
+        metrics.record_batch(self.queue.r, len(jobs), seconds, expired, malformed)
 
-    def _valid_jobs(self, raw: list[bytes]) -> list[wire.Job]:
-        """Drop malformed jobs and those whose client has given up, keeping the rest of the batch."""
-        jobs, now = [], time.time()
+    def _sort_out(self, raw: list[bytes]) -> tuple[list[wire.Job], int, int]:
+        """The jobs worth computing, and how many were expired or malformed (dropped, logged)."""
+        jobs, expired, malformed, now = [], 0, 0, time.time()
         for message in raw:
             try:
                 job = wire.Job.decode(message)
+                if job.pixels.shape != self.servable.info.shape:
+                    raise wire.MalformedMessage(f"shape {job.pixels.shape}, the model takes {self.servable.info.shape}")
             except wire.MalformedMessage as exc:
                 log.error("dropped a malformed message: %s", exc)
+                malformed += 1
                 continue
-            if job.pixels.shape != self.servable.info.shape:
-                log.error(
-                    "dropped %s: shape %s, model takes %s", job.request_id, job.pixels.shape, self.servable.info.shape
-                )
-            elif job.deadline < now:
-                log.info("skipped %s: its deadline passed", job.request_id)
+            if job.deadline < now:
+                log.info("skipped %s: its client stopped waiting", job.request_id)
+                expired += 1
             else:
                 jobs.append(job)
-        return jobs
+        return jobs, expired, malformed
 
     def _predict(self, jobs: list[wire.Job]) -> dict[str, str]:
-        started = time.perf_counter()
         probabilities = self.servable.predict(np.stack([job.pixels for job in jobs]))
-        elapsed_ms = (time.perf_counter() - started) * 1000
-        ids = ",".join(job.request_id for job in jobs)
-        logs.event(log, "batch", size=len(jobs), model_ms=round(elapsed_ms, 1), request_ids=ids)
         labels = self.servable.labels
         return {
             job.request_id: wire.encode_result(zoo.top_k(p, labels, job.top_k))

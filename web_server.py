@@ -20,7 +20,7 @@ from flask import Flask, Response, g, jsonify, request
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
 import settings
-from serving import images, logs, queue, wire
+from serving import images, logs, metrics, queue, wire
 from serving.pages import pages
 from serving.upload import ApiError, parse_top_k, read_image
 
@@ -69,7 +69,9 @@ def _start() -> None:
 @app.after_request
 def _finish(response: Response) -> Response:
     response.headers["X-Request-ID"] = g.request_id
-    elapsed_ms = (time.monotonic() - g.started) * 1000
+    elapsed = time.monotonic() - g.started
+    metrics.observe_request(request.url_rule.rule if request.url_rule else "other", response.status_code, elapsed)
+    elapsed_ms = elapsed * 1000
     logs.event(
         log,
         "request",
@@ -140,6 +142,11 @@ def ready() -> tuple[Response, int]:
     if servers == 0:
         return jsonify(ready=False, reason="no model server is alive", queue_depth=depth), 503
     return jsonify(ready=True, model_servers=servers, queue_depth=depth), 200
+
+
+@app.get("/metrics")
+def prometheus_metrics() -> Response:
+    return Response(metrics.render(_redis()), mimetype="text/plain; version=0.0.4")
 
 
 def _error(status: int, code: str, message: str, headers: dict | None = None) -> Response:

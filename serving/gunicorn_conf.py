@@ -1,6 +1,14 @@
 """Gunicorn configuration for the web tier (python web_server.py starts gunicorn with it)."""
 
+import os
+import shutil
+import tempfile
+
 import settings
+
+# Each worker writes its metrics to files here and /metrics sums them, whichever worker answers.
+# Set before any worker imports prometheus_client; a fresh directory per start, so no stale figures.
+METRICS_DIR = os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="serving-metrics-")
 
 bind = f"0.0.0.0:{settings.PORT}"
 workers = settings.WEB_WORKERS
@@ -18,3 +26,15 @@ loglevel = settings.LOG_LEVEL.lower()
 # gunicorn's control socket sits at one fixed path per user, so a second server on the same
 # host would take it over; we manage workers with signals instead.
 control_socket_disable = True
+
+
+def child_exit(server, worker) -> None:  # noqa: ANN001 (gunicorn's hook signature)
+    # Imported here, not above: prometheus_client picks its storage when first imported,
+    # which must be after PROMETHEUS_MULTIPROC_DIR is set.
+    from prometheus_client import multiprocess
+
+    multiprocess.mark_process_dead(worker.pid)
+
+
+def on_exit(server) -> None:  # noqa: ANN001
+    shutil.rmtree(METRICS_DIR, ignore_errors=True)
