@@ -23,7 +23,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def wait_until(condition: Callable[[], bool], timeout_s: float, what: str, process: subprocess.Popen | None = None) -> None:
+def wait_until(
+    condition: Callable[[], bool], timeout_s: float, what: str, process: subprocess.Popen | None = None
+) -> None:
     """Poll `condition` until true; fail early, with `what`, if `process` dies or time runs out."""
     give_up = time.monotonic() + timeout_s
     while not condition():
@@ -53,8 +55,8 @@ def start_redis(port: int, password: str | None = None, bind: str = "127.0.0.1")
     if password:
         args += ["--requirepass", password]
     process = subprocess.Popen(args, stdout=subprocess.DEVNULL)
-    url = f"redis://:{password}@127.0.0.1:{port}/0" if password else f"redis://127.0.0.1:{port}/0"
-    wait_until(lambda: redis_answers(url), 10, "redis-server", process)
+    auth = f":{password}@" if password else ""
+    wait_until(lambda: redis_answers(f"redis://{auth}127.0.0.1:{port}/0"), 10, "redis-server", process)
     return process
 
 
@@ -84,18 +86,26 @@ def stop(process: subprocess.Popen, timeout_s: float = 40) -> int:
 class Stack:
     """A throwaway Redis with model and web servers around it, each logging to its own file."""
 
-    def __init__(self, workdir: pathlib.Path, **env: str) -> None:
+    def __init__(self, workdir: pathlib.Path, redis_password: str | None = None, **env: str) -> None:
         self.workdir = workdir
         workdir.mkdir(parents=True, exist_ok=True)
         self.redis_port = free_port()
-        self.redis_process = start_redis(self.redis_port)
-        self.redis_url = f"redis://127.0.0.1:{self.redis_port}/0"
+        self.redis_password = redis_password
+        self.redis_process = start_redis(self.redis_port, redis_password)
+        auth = f":{redis_password}@" if redis_password else ""
+        self.redis_url = f"redis://{auth}127.0.0.1:{self.redis_port}/0"
         self.env = {"REDIS_URL": self.redis_url, "MODEL": "digits", **env}
         self.processes: list[subprocess.Popen] = []
         self.model_logs: list[pathlib.Path] = []
 
     def redis(self) -> redis.Redis:
         return redis.Redis.from_url(self.redis_url)
+
+    def restart_redis(self, down_s: float = 0.0) -> None:
+        """Stop Redis (losing what it held, as a crash would), stay down a while, start it again."""
+        stop(self.redis_process, timeout_s=10)
+        time.sleep(down_s)
+        self.redis_process = start_redis(self.redis_port, self.redis_password)
 
     def model_server(self, **env: str) -> subprocess.Popen:
         """Start one more model server and wait until it takes jobs."""

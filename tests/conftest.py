@@ -60,3 +60,24 @@ def png(pixels: np.ndarray) -> bytes:
 
 def post_image(url: str, data: bytes, timeout: float = 60, **form: object) -> requests.Response:
     return requests.post(f"{url}/predict", files={"image": ("image.png", data)}, data=form, timeout=timeout)
+
+
+@pytest.fixture(scope="session")
+def slow_model_file(tmp_path_factory: pytest.TempPathFactory) -> pathlib.Path:
+    """A model for digit-sized images that takes long enough per batch to be caught mid-batch."""
+    import keras
+
+    keras.utils.set_random_seed(2)
+    model = keras.Sequential(
+        [
+            keras.Input((8, 8, 1)),
+            keras.layers.Resizing(192, 192),  # about 0.4 s for a batch of 8 on two cores
+            keras.layers.Conv2D(64, 3, activation="relu"),
+            keras.layers.Conv2D(64, 3, activation="relu"),
+            keras.layers.GlobalAveragePooling2D(),
+            keras.layers.Dense(10, activation="softmax"),
+        ]
+    )
+    path = tmp_path_factory.mktemp("slow") / "slow.keras"
+    model.save(path)
+    return path
