@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import json
+import pathlib
 import pickle
 import signal
+import subprocess
+import sys
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 
@@ -14,7 +17,8 @@ from serving import wire
 from serving.launch import stop, wait_until
 from tests.conftest import post_image
 
-DIGIT = wire.__file__.rsplit("/serving/", 1)[0] + "/samples/digit_3.png"
+REPO = pathlib.Path(__file__).resolve().parent.parent
+DIGIT = str(REPO / "samples" / "digit_3.png")
 
 
 def digit_png() -> bytes:
@@ -198,3 +202,38 @@ def test_api_keys_and_redis_password(make_stack):
             f"{url}/predict", files={"image": digit_png()}, headers={"Authorization": f"Bearer {key}"}, timeout=30
         )
         assert ok.status_code == 200, ok.text
+
+
+def rss_mb(pid: int) -> float:
+    """Resident memory of a process and its children (gunicorn's workers), in MB."""
+    with open(f"/proc/{pid}/task/{pid}/children") as f:
+        children = [int(c) for c in f.read().split()]
+    total = 0.0
+    for each in (pid, *children):
+        with open(f"/proc/{each}/status") as f:
+            total += next(int(line.split()[1]) for line in f if line.startswith("VmRSS:")) / 1024
+    return total
+
+
+def stress(url: str, tmp_path, *args: str) -> dict:
+    out = tmp_path / f"stress-{time.monotonic_ns()}.json"
+    command = [sys.executable, "stress_test.py", "--url", f"{url}/predict", "--image", DIGIT, "--json", str(out)]
+    subprocess.run([*command, *args], cwd=REPO, check=False, timeout=300, capture_output=True)
+    return json.loads(out.read_text())
+
+
+def test_three_times_capacity_is_refused_early_not_queued_forever(make_stack, slow_model_file, tmp_path):
+    stack = make_stack(MODEL=str(slow_model_file), BATCH_SIZE="8", QUEUE_LIMIT="16", REQUEST_TIMEOUT_S="5")
+    model = stack.model_server()
+    url = stack.web_server()
+    capacity = stress(url, tmp_path, "--requests", "48", "--concurrency", "16")["throughput_rps"]
+    memory_before = {p.pid: rss_mb(p.pid) for p in (model, stack.processes[-1])}
+
+    run = stress(url, tmp_path, "--duration", "15", "--rate", str(round(3 * capacity, 1)), "--timeout", "30")
+
+    print(f"capacity {capacity:.1f}/s; at 3x: {run}")
+    assert run["ok"] > 0 and set(run["errors"]) <= {"503", "504"}, run["errors"]  # no 500, no hang, no reset
+    assert run["latency_ms"]["max"] <= 5000 + 2000  # every answer within REQUEST_TIMEOUT_S (and a margin)
+    growth = {pid: rss_mb(pid) - before for pid, before in memory_before.items()}
+    assert all(mb < 200 for mb in growth.values()), growth
+    assert post_image(url, digit_png()).status_code == 200  # serving normally right after
