@@ -1,10 +1,11 @@
 # make run: install the pinned requirements and serve MODEL on PORT (Ctrl-C stops).
 # make test: install the test requirements and run the whole suite.
+# make bench / make sweep: the side-by-side benchmark and the batching sweep (bench/results/).
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: run test lint
+.PHONY: run test lint bench sweep
 
 run: $(VENV)/.run-deps
 	$(BIN)/python scripts/run.py
@@ -14,6 +15,12 @@ test: $(VENV)/.test-deps
 
 lint: $(VENV)/.test-deps
 	$(BIN)/ruff check .
+
+bench: $(VENV)/.test-deps
+	$(BIN)/python -m bench.run
+
+sweep: $(VENV)/.test-deps
+	$(BIN)/python -m bench.sweep
 
 $(VENV)/.run-deps: requirements.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)

@@ -1,0 +1,35 @@
+"""The design people start with: one Flask process holding the model, one predict per request.
+
+The classic single-file Keras REST API, made a fair opponent: the same decode, preprocessing and
+predict call as our model server, on Flask's threaded server, just no queue and no batching.
+
+    MODEL=path PREPROCESS=caffe LABELS=file PORT=5001 python bench/naive_server.py
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from flask import Flask, jsonify, request
+
+import settings
+from serving import images, zoo
+
+app = Flask(__name__)
+servable = zoo.load(settings.MODEL, settings.MODEL_WEIGHTS, settings.LABELS, settings.PREPROCESS)
+
+
+@app.post("/predict")
+def predict():  # noqa: ANN201
+    info = servable.info
+    pixels = images.decode(request.files["image"].read(), info.height, info.width, info.channels)
+    probabilities = servable.predict(pixels[np.newaxis])[0]
+    return jsonify(success=True, model=info.name, predictions=zoo.top_k(probabilities, servable.labels, 5))
+
+
+@app.get("/health")
+def health():  # noqa: ANN201
+    return jsonify(status="ok")
+
+
+if __name__ == "__main__":
+    app.run(host="127.0.0.1", port=settings.PORT, threaded=True)

@@ -1,0 +1,140 @@
+"""`make bench`: the ceiling, the naive Flask server and this system, side by side, in one run.
+
+For each model: (1) the model's own predict on ready tensors at batch 1 and at the best batch
+size, (2) bench/naive_server.py and (3) this system through HTTP, both loaded by stress_test.py
+in a closed loop at each concurrency. Writes bench/results/latest.{md,json,png}.
+
+    .venv/bin/python -m bench.run [--models resnet50 digits] [--duration 15]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+from bench.common import RESULTS, ModelSpec, load_curve, model_spec, our_stack
+from serving.launch import REPO, free_port, start_python, stop, wait_until
+
+CONCURRENCY = (1, 8, 32, 64)
+CEILING_BATCHES = (1, 8, 16, 32, 64)
+
+
+def ceiling(spec: ModelSpec) -> dict[int, float]:
+    command = [sys.executable, str(REPO / "bench" / "ceiling.py"), str(spec.path), spec.preprocess]
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    out = subprocess.run([*command, *map(str, CEILING_BATCHES)], check=True, capture_output=True, text=True, env=env)
+    return {int(b): rate for b, rate in json.loads(out.stdout.splitlines()[-1]).items()}
+
+
+def naive(spec: ModelSpec, duration: float) -> dict[int, dict]:
+    port = free_port()
+    process = start_python("bench/naive_server.py", {**spec.env, "PORT": str(port), "PYTHONPATH": str(REPO)})
+    try:
+        url = f"http://127.0.0.1:{port}"
+        wait_until(lambda: _answers(url), 180, "naive server", process)
+        return load_curve(url, spec.image, CONCURRENCY, duration)
+    finally:
+        stop(process)
+
+
+def ours(spec: ModelSpec, duration: float) -> dict[int, dict]:
+    stack, url = our_stack(spec)
+    try:
+        return load_curve(url, spec.image, CONCURRENCY, duration)
+    finally:
+        stack.close()
+
+
+def _answers(url: str) -> bool:
+    import urllib.request
+
+    try:
+        return urllib.request.urlopen(f"{url}/health", timeout=2).status == 200
+    except OSError:
+        return False
+
+
+def report(results: dict) -> str:
+    lines = [
+        f"Measured {results['when']} on {results['machine']}; `make bench` (`{results['command']}`).",
+        "",
+        "| model | ceiling batch 1 (img/s) | ceiling best (img/s) | best batch |",
+        "| --- | ---: | ---: | ---: |",
+    ]
+    for name, r in results["models"].items():
+        best = max(r["ceiling"], key=r["ceiling"].get)
+        lines.append(f"| {name} | {r['ceiling'][1]:.1f} | {r['ceiling'][best]:.1f} | {best} |")
+    lines += [
+        "",
+        "| model | concurrency | naive req/s | naive p50 / p99 ms | ours req/s | ours p50 / p99 ms "
+        "| ours / naive | ours / ceiling |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for name, r in results["models"].items():
+        top = max(r["ceiling"].values())
+        for c in CONCURRENCY:
+            n, o = r["naive"][c], r["ours"][c]
+            lines.append(
+                f"| {name} | {c} | {n['rps']:.1f} | {n['p50_ms']:.0f} / {n['p99_ms']:.0f} | {o['rps']:.1f} "
+                f"| {o['p50_ms']:.0f} / {o['p99_ms']:.0f} | {o['rps'] / n['rps']:.2f} | {o['rps'] / top:.0%} |"
+            )
+    return "\n".join(lines) + "\n"
+
+
+def plot(results: dict, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    models = results["models"]
+    fig, axes = plt.subplots(1, len(models), figsize=(6 * len(models), 4.5), squeeze=False)
+    for ax, (name, r) in zip(axes[0], models.items(), strict=True):
+        for system, style in (("naive", "o--"), ("ours", "o-")):
+            ax.plot(CONCURRENCY, [r[system][c]["rps"] for c in CONCURRENCY], style, label=system)
+        ax.axhline(max(r["ceiling"].values()), color="grey", linestyle=":", label="ceiling (best batch)")
+        ax.axhline(r["ceiling"][1], color="grey", linestyle="-.", label="predict at batch 1")
+        ax.set(title=name, xlabel="concurrent clients", ylabel="requests / s", xscale="log", ylim=(0, None))
+        ax.set_xticks(CONCURRENCY, [str(c) for c in CONCURRENCY])
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", nargs="+", default=["resnet50", "digits"])
+    parser.add_argument("--duration", type=float, default=15.0, help="seconds of load per point")
+    args = parser.parse_args()
+    results = {
+        "when": time.strftime("%Y-%m-%d"),
+        "machine": f"{_cores()} CPU cores, no GPU",
+        "command": " ".join(["python -m bench.run", *sys.argv[1:]]),
+        "models": {},
+    }
+    for name in args.models:
+        spec = model_spec(name)
+        print(f"{name}: ceiling", flush=True)
+        entry = {"ceiling": ceiling(spec)}
+        print(f"{name}: naive server", flush=True)
+        entry["naive"] = naive(spec, args.duration)
+        print(f"{name}: this system", flush=True)
+        entry["ours"] = ours(spec, args.duration)
+        results["models"][name] = entry
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "latest.json").write_text(json.dumps(results, indent=2) + "\n")
+    (RESULTS / "latest.md").write_text(report(results))
+    plot(results, str(RESULTS / "latest.png"))
+    print(report(results))
+
+
+def _cores() -> int:
+    return len(os.sched_getaffinity(0))
+
+
+if __name__ == "__main__":
+    main()

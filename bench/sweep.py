@@ -1,0 +1,77 @@
+"""`make sweep`: this system's throughput and latency over BATCH_SIZE and BATCH_WAIT_MS, per model.
+
+BATCH_SIZE is swept under heavy load (where it decides throughput); BATCH_WAIT_MS at light and
+moderate load (where waiting for company costs latency or buys batching). Writes
+bench/results/sweep.{md,json}; the defaults in settings.py come from these tables.
+
+    .venv/bin/python -m bench.sweep [--models resnet50 mobilenet_v2 digits] [--duration 10]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+from bench.common import RESULTS, ModelSpec, load_curve, model_spec, our_stack
+
+BATCH_SIZES = (1, 4, 8, 16, 32, 64)
+BATCH_SIZE_LOAD = 64  # concurrent clients while sweeping BATCH_SIZE
+WAITS_MS = (0, 2, 5, 10)
+WAIT_LOADS = (1, 8)
+
+
+def measure(spec: ModelSpec, loads: tuple[int, ...], duration: float, **env: str) -> dict[int, dict]:
+    stack, url = our_stack(spec, **env)
+    try:
+        return load_curve(url, spec.image, loads, duration)
+    finally:
+        stack.close()
+
+
+def sweep(spec: ModelSpec, duration: float) -> dict:
+    sizes = {b: measure(spec, (BATCH_SIZE_LOAD,), duration, BATCH_SIZE=str(b), BATCH_WAIT_MS="0") for b in BATCH_SIZES}
+    waits = {w: measure(spec, WAIT_LOADS, duration, BATCH_WAIT_MS=str(w)) for w in WAITS_MS}
+    return {"batch_size": sizes, "batch_wait_ms": waits}
+
+
+def report(results: dict) -> str:
+    lines = [f"Measured {results['when']}; `make sweep` (`{results['command']}`).", ""]
+    for name, r in results["models"].items():
+        lines += [
+            f"**{name}**, BATCH_SIZE at {BATCH_SIZE_LOAD} concurrent clients (BATCH_WAIT_MS=0):",
+            "",
+            "| BATCH_SIZE | req/s | p50 ms | p99 ms |",
+            "| ---: | ---: | ---: | ---: |",
+        ]
+        for b, points in r["batch_size"].items():
+            p = points[BATCH_SIZE_LOAD]
+            lines.append(f"| {b} | {p['rps']:.1f} | {p['p50_ms']:.0f} | {p['p99_ms']:.0f} |")
+        head = " | ".join(f"c={c} req/s | c={c} p50 ms" for c in WAIT_LOADS)
+        lines += ["", f"**{name}**, BATCH_WAIT_MS (default BATCH_SIZE):", "", f"| BATCH_WAIT_MS | {head} |"]
+        lines.append("| ---: |" + " ---: |" * (2 * len(WAIT_LOADS)))
+        for w, points in r["batch_wait_ms"].items():
+            cells = " | ".join(f"{points[c]['rps']:.1f} | {points[c]['p50_ms']:.1f}" for c in WAIT_LOADS)
+            lines.append(f"| {w} | {cells} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", nargs="+", default=["resnet50", "mobilenet_v2", "digits"])
+    parser.add_argument("--duration", type=float, default=10.0, help="seconds of load per point")
+    args = parser.parse_args()
+    command = f"python -m bench.sweep --models {' '.join(args.models)} --duration {args.duration:g}"
+    results = {"when": time.strftime("%Y-%m-%d"), "command": command, "models": {}}
+    for name in args.models:
+        print(f"sweeping {name}", flush=True)
+        results["models"][name] = sweep(model_spec(name), args.duration)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "sweep.json").write_text(json.dumps(results, indent=2) + "\n")
+    (RESULTS / "sweep.md").write_text(report(results))
+    print(report(results))
+
+
+if __name__ == "__main__":
+    main()
