@@ -22,7 +22,7 @@ bench: $(VENV)/.test-deps
 sweep: $(VENV)/.test-deps
 	$(BIN)/python -m bench.sweep
 
-$(VENV)/.run-deps: requirements.txt
+$(VENV)/.run-deps: requirements.txt requirements-web.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -r requirements.txt
