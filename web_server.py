@@ -87,7 +87,8 @@ def _finish(response: Response) -> Response:
 def _check_api_key() -> None:
     if not settings.API_KEYS:
         return
-    given = request.headers.get("Authorization", "").removeprefix("Bearer ").strip().encode()
+    scheme, _, token = request.headers.get("Authorization", "").partition(" ")
+    given = token.strip().encode() if scheme.lower() == "bearer" else b""
     if not any(hmac.compare_digest(given, key.encode()) for key in settings.API_KEYS):
         raise ApiError(
             401,
@@ -169,7 +170,8 @@ def _too_large(_: RequestEntityTooLarge) -> Response:
 @app.errorhandler(HTTPException)
 def _http_error(exc: HTTPException) -> Response:
     code = "bad_request" if exc.code == 400 else (exc.name or "error").lower().replace(" ", "_")
-    return _error(exc.code or 400, code, exc.description or exc.name)
+    headers = {k: v for k, v in exc.get_headers() if k.lower() != "content-type"}  # e.g. Allow on 405
+    return _error(exc.code or 400, code, exc.description or exc.name, headers)
 
 
 @app.errorhandler(redis.RedisError)
