@@ -11,6 +11,7 @@ run: $(VENV)/.run-deps
 	$(BIN)/python scripts/run.py
 
 test: $(VENV)/.test-deps
+	bash scripts/install_browser.sh
 	$(BIN)/python -m pytest
 
 lint: $(VENV)/.test-deps

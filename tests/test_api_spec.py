@@ -1,0 +1,135 @@
+"""The OpenAPI document: valid OpenAPI, served as is, and true of a live server.
+
+Schemathesis fuzzes every documented operation of a real digits stack and checks each answer
+against the document; the error paths a fuzzer cannot reach (API keys, size limit, no model
+server, Redis down) are driven by hand and checked against the same document.
+"""
+
+from __future__ import annotations
+
+import json
+import pathlib
+import subprocess
+import sys
+from typing import Any
+
+import requests
+import schemathesis
+from openapi_spec_validator import validate
+
+from serving.launch import REPO, Stack
+
+SPEC_PATH = REPO / "serving" / "static" / "openapi.json"
+SPEC: dict[str, Any] = json.loads(SPEC_PATH.read_text())
+DIGIT = (REPO / "samples" / "digit_3.png").read_bytes()
+
+# The checks the contract promises: no 500 from any input, and every answer documented.
+CHECKS = [
+    "not_a_server_error",
+    "status_code_conformance",
+    "content_type_conformance",
+    "response_schema_conformance",
+    "response_headers_conformance",
+]
+
+
+def test_document_is_valid_openapi() -> None:
+    validate(SPEC)  # raises with the offending path when the document is not OpenAPI 3
+
+
+def test_every_route_is_documented() -> None:
+    """A route added to the app without a line in the document fails here, not in a client."""
+    # In a child process: importing web_server sets up logging for the whole process it runs in.
+    list_routes = (
+        "import json, web_server; print(json.dumps(sorted("
+        "[rule.rule, method] for rule in web_server.app.url_map.iter_rules() if rule.endpoint != 'static' "
+        "for method in rule.methods - {'HEAD', 'OPTIONS'})))"
+    )
+    found = subprocess.run([sys.executable, "-c", list_routes], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert found.returncode == 0, found.stderr
+    routes = {tuple(route) for route in json.loads(found.stdout)}
+    documented = {(path, method.upper()) for path, item in SPEC["paths"].items() for method in item}
+    assert routes == documented
+
+
+def test_served_document_is_the_file(digits_stack: Stack) -> None:
+    response = requests.get(f"{digits_stack.url}/openapi.json", timeout=10)
+    assert response.status_code == 200
+    assert response.headers["Content-Type"].startswith("application/json")
+    assert response.json() == SPEC
+
+
+def test_schemathesis_finds_nothing_on_a_live_stack(digits_stack: Stack, tmp_path: pathlib.Path) -> None:
+    # Load the document from a file, not from the server's URL: schemathesis leaves out the
+    # operation that serves the schema it was loaded from, and /openapi.json should be tested too.
+    served = tmp_path / "openapi.json"
+    served.write_bytes(requests.get(f"{digits_stack.url}/openapi.json", timeout=10).content)
+    command = [
+        sys.executable, "-m", "schemathesis.cli", "run", str(served),
+        "--url", digits_stack.url,
+        "--checks", ",".join(CHECKS),
+        "--phases", "examples,coverage,fuzzing",  # stateful needs links between operations; there are none
+        "--max-examples", "50",
+        "--seed", "20261121",  # the same cases on every run, so a failure reproduces
+        "--generation-database", "none",  # and nothing remembered from an earlier run changes them
+        "--workers", "1",
+        "--request-timeout", "30",
+        "--no-color",
+    ]  # fmt: skip
+    # cwd=tmp_path: whatever schemathesis writes (reports, caches) stays out of the repo.
+    result = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stdout[-8000:] + result.stderr[-2000:]
+    assert "6 selected / 6 total" in result.stdout, result.stdout[-4000:]
+
+
+def conforms(response: requests.Response, path: str, method: str, status: int) -> dict[str, Any]:
+    """Assert `response` has `status`, documented for the operation with its media type and body schema."""
+    assert response.status_code == status, response.text
+    documented = SPEC["paths"][path][method.lower()]["responses"][str(status)]
+    media_type = response.headers["Content-Type"].split(";")[0].strip()
+    assert media_type in documented["content"], media_type
+    operation = schemathesis.openapi.from_path(SPEC_PATH)[path][method.upper()]
+    operation.validate_response(response)  # raises listing every mismatch with the body schema
+    return response.json() if media_type == "application/json" else {}
+
+
+def test_error_answers_a_fuzzer_cannot_reach_match_the_document(make_stack) -> None:
+    """API keys, the size limit, no model server, then Redis down: each answer as documented."""
+    stack = make_stack(API_KEYS="sesame,other", MAX_UPLOAD_MB="0.01")  # 10 kB, so a big upload is cheap
+    url = stack.web_server()  # and no model server at all
+    files = {"image": ("digit.png", DIGIT)}
+
+    for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "Basic c2VzYW1lOg=="}):
+        response = requests.post(f"{url}/predict", files=files, headers=headers, timeout=10)
+        body = conforms(response, "/predict", "POST", 401)
+        assert body["error"]["code"] == "unauthorized"
+        assert response.headers["WWW-Authenticate"] == "Bearer"
+
+    key = {"Authorization": "Bearer other"}
+    big = {"image": ("big.png", b"\0" * 20_000)}
+    body = conforms(requests.post(f"{url}/predict", files=big, headers=key, timeout=10), "/predict", "POST", 413)
+    assert body["error"]["code"] == "too_large"
+
+    body = conforms(requests.post(f"{url}/predict", files=files, headers=key, timeout=10), "/predict", "POST", 503)
+    assert body["error"]["code"] == "unavailable"
+    body = conforms(requests.get(f"{url}/ready", timeout=10), "/ready", "GET", 503)
+    assert body["ready"] is False and body["queue_depth"] == 0
+
+    stack.redis_process.terminate()
+    stack.redis_process.wait(timeout=10)
+    response = requests.post(f"{url}/predict", files=files, headers=key, timeout=30)
+    body = conforms(response, "/predict", "POST", 503)
+    assert body["error"]["code"] == "unavailable" and response.headers["Retry-After"] == "1"
+    body = conforms(requests.get(f"{url}/ready", timeout=30), "/ready", "GET", 503)
+    assert body["ready"] is False and "redis" in body["reason"]
+    conforms(requests.get(f"{url}/metrics", timeout=30), "/metrics", "GET", 200)
+    conforms(requests.get(f"{url}/health", timeout=10), "/health", "GET", 200)
+
+
+def test_a_top_k_of_thousands_of_digits_is_a_400(digits_stack: Stack) -> None:
+    # int() refuses strings of over 4300 digits (Python's int_max_str_digits): once a 500.
+    response = requests.post(
+        f"{digits_stack.url}/predict", files={"image": ("digit.png", DIGIT)}, data={"top_k": "9" * 5000}, timeout=30
+    )
+    assert response.status_code == 400, response.text
+    assert response.json()["error"]["code"] == "bad_request"

@@ -1,0 +1,126 @@
+"""The try-it page in a real headless Chromium, against a live digits stack.
+
+The browser is Debian's chromium (scripts/install_browser.sh puts it at /usr/bin/chromium) driven
+by Playwright; `playwright install` is never used, it downloads a browser from a CDN CI cannot reach.
+"""
+
+from __future__ import annotations
+
+import pathlib
+import re
+import shutil
+import tempfile
+from collections.abc import Iterator
+
+import pytest
+import requests
+from playwright.sync_api import Browser, Page, expect, sync_playwright
+
+from serving.launch import REPO, Stack
+
+CHROMIUM = pathlib.Path("/usr/bin/chromium")
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",  # CI containers run as root, where Chromium's sandbox cannot start
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    # Nothing but the page under test may touch the network: no updates, sync or prefetching.
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+# Besides the test's tmp dir, so a person can look at the last run's pages without digging.
+SHOTS = pathlib.Path(tempfile.gettempdir())
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Browser]:
+    if not CHROMIUM.exists():
+        # A failure, not a skip: on CI a silently skipped browser test would prove nothing.
+        pytest.fail(f"{CHROMIUM} is missing: run scripts/install_browser.sh (make test does)")
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        yield browser
+        browser.close()
+
+
+@pytest.fixture
+def page(browser: Browser, digits_stack: Stack) -> Iterator[Page]:
+    context = browser.new_context(viewport={"width": 900, "height": 760}, base_url=digits_stack.url)
+    page = context.new_page()
+    errors: list[str] = []
+    page.on("pageerror", lambda error: errors.append(str(error)))  # uncaught exceptions in the page's JS
+    page.goto("/")
+    yield page
+    context.close()
+    assert not errors, errors
+
+
+def screenshot(page: Page, tmp_path: pathlib.Path, name: str) -> None:
+    path = tmp_path / name
+    page.screenshot(path=path, full_page=True)
+    shutil.copyfile(path, SHOTS / name)
+
+
+def test_a_digit_shows_its_label_as_the_top_bar(page: Page, tmp_path: pathlib.Path) -> None:
+    expect(page).to_have_title("Try the image model")
+    page.get_by_label("How many labels").fill("4")
+    page.get_by_label("API key").fill("not-checked-here")
+    with page.expect_request("**/predict") as sent:
+        # The file input itself, as a keyboard or screen-reader user reaches it through its label.
+        page.get_by_label("Image file").set_input_files(REPO / "samples" / "digit_3.png")
+    assert sent.value.headers["authorization"] == "Bearer not-checked-here"
+
+    result = page.locator("#result")
+    expect(result).to_be_visible()
+    expect(result.get_by_role("heading")).to_have_text("Top labels from digits")
+    bars = result.get_by_role("listitem")
+    expect(bars).to_have_count(4)
+    expect(bars.first.locator(".label")).to_have_text("3")
+    expect(bars.first.locator(".pct")).to_have_text(re.compile(r"^>?\d{1,3}\.\d%$"))  # e.g. 97.5% or >99.9%
+    top = float(bars.first.locator(".pct").inner_text().strip(">%"))
+    assert top > 50, top  # the digits model is sure of its own sample
+    width = bars.first.locator(".fill").evaluate("e => e.getBoundingClientRect().width")
+    track = bars.first.locator(".track").evaluate("e => e.getBoundingClientRect().width")
+    assert width == pytest.approx(track * top / 100, abs=2), (width, track, top)
+    expect(page.locator("#error")).to_be_hidden()
+    screenshot(page, tmp_path, "page_digit.png")
+
+
+def test_a_text_file_shows_the_error_in_words(page: Page, digits_stack: Stack, tmp_path: pathlib.Path) -> None:
+    text = b"shopping: eggs, milk, bread\n"
+    # What the API says about this file, asked directly: the page must show exactly that message.
+    answer = requests.post(f"{digits_stack.url}/predict", files={"image": ("notes.txt", text)}, timeout=30)
+    assert answer.status_code == 400, answer.text
+    error = answer.json()["error"]
+
+    page.get_by_label("Image file").set_input_files({"name": "notes.txt", "mimeType": "text/plain", "buffer": text})
+    alert = page.get_by_role("alert")
+    expect(alert).to_be_visible()
+    expect(alert.get_by_role("heading")).to_have_text("400: Bad request")
+    expect(alert).to_contain_text(error["message"])
+    expect(alert).to_contain_text(error["code"])
+    expect(page.locator("#result")).to_be_hidden()
+    screenshot(page, tmp_path, "page_error.png")
+
+
+def test_predict_without_a_file_says_what_to_do(page: Page) -> None:
+    page.get_by_role("button", name="Predict").click()
+    expect(page.get_by_role("alert")).to_contain_text("Choose an image file first")
+
+
+def test_dropping_a_file_on_the_box_predicts_it(page: Page) -> None:
+    digit = list((REPO / "samples" / "digit_7.png").read_bytes())
+    # What a real drag from the desktop delivers: a drop event whose DataTransfer holds the file.
+    files = page.evaluate_handle(
+        """bytes => {
+            const dropped = new DataTransfer();
+            dropped.items.add(new File([new Uint8Array(bytes)], "digit_7.png", {type: "image/png"}));
+            return dropped;
+        }""",
+        digit,
+    )
+    page.locator("#drop").dispatch_event("drop", {"dataTransfer": files})
+    expect(page.locator("#predictions li").first.locator(".label")).to_have_text("7")
+    assert page.get_by_label("Image file").evaluate("input => input.files[0].name") == "digit_7.png"
