@@ -1,0 +1,288 @@
+"""Hostile and odd requests get the contract's 4xx and JSON error, and none of them reaches the queue.
+
+The files are in tests/corpus/ (see its README.md); the request shapes are built here. Every check
+ends in `assert_rejected`, which also proves the request was never queued: its X-Request-ID is in
+no batch a model server logged, and the Redis queue is empty.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import pathlib
+from collections.abc import Iterator
+
+import numpy as np
+import pytest
+import requests
+from PIL import Image
+
+import settings
+from serving import images, wire
+from serving.launch import Stack
+from tests.conftest import post_image
+from tests.make_corpus import encode
+
+CORPUS = pathlib.Path(__file__).resolve().parent / "corpus"
+TOO_MANY_PIXELS = "pixels"  # every pixel-limit message says how many pixels are accepted
+
+# corpus file -> (status, error code, a word the message must contain), sent as a file or as base64
+HOSTILE_FILES = {
+    "empty.bin": (400, "missing_image", "empty"),
+    "text.txt": (400, "invalid_image", "format"),
+    "page.svg": (400, "invalid_image", "format"),
+    "vector.eps": (400, "invalid_image", "format"),  # Pillow would hand it to Ghostscript
+    "truncated.jpg": (400, "invalid_image", "decoded"),
+    "truncated.png": (400, "invalid_image", "decoded"),
+    "truncated.gif": (400, "invalid_image", "decoded"),
+    "bomb_header.png": (400, "invalid_image", TOO_MANY_PIXELS),
+    "bomb_100mp.png": (400, "invalid_image", TOO_MANY_PIXELS),
+    "bomb.gif": (400, "invalid_image", TOO_MANY_PIXELS),
+    "bomb.jpg": (400, "invalid_image", TOO_MANY_PIXELS),
+    "wide_canvas.webp": (400, "invalid_image", TOO_MANY_PIXELS),
+    "invalid_base64.json": (400, "invalid_image", "format"),  # as a file it is just text
+    "not_an_object.json": (400, "invalid_image", "format"),
+}
+
+
+def assert_rejected(stack: Stack, response: requests.Response, status: int, code: str) -> dict:
+    """The contract's JSON error, and proof that the request never reached the model servers."""
+    assert response.status_code == status, response.text
+    assert response.headers["Content-Type"].startswith("application/json")
+    body = response.json()
+    assert body["success"] is False and body["error"]["code"] == code, body
+    assert isinstance(body["error"]["message"], str) and body["error"]["message"]
+    request_id = response.headers["X-Request-ID"]
+    assert all(request_id not in ids for _, ids in stack.batches())
+    assert stack.redis().llen(wire.QUEUE) == 0
+    return body["error"]
+
+
+def predict(stack: Stack, **kwargs: object) -> requests.Response:
+    kwargs.setdefault("timeout", 60)
+    return requests.post(f"{stack.url}/predict", **kwargs)
+
+
+def test_the_corpus_is_small_and_complete():
+    sizes = {path.name: path.stat().st_size for path in CORPUS.iterdir() if path.name != "README.md"}
+    assert set(HOSTILE_FILES) == set(sizes)
+    assert sum(sizes.values()) < 100_000
+
+
+@pytest.mark.parametrize("name", HOSTILE_FILES)
+def test_hostile_files_as_multipart(digits_stack, name):
+    status, code, word = HOSTILE_FILES[name]
+
+    error = assert_rejected(digits_stack, post_image(digits_stack.url, (CORPUS / name).read_bytes()), status, code)
+
+    assert word in error["message"]
+
+
+@pytest.mark.parametrize("name", HOSTILE_FILES)
+def test_hostile_files_as_json_base64(digits_stack, name):
+    status, code, word = HOSTILE_FILES[name]
+    encoded = base64.b64encode((CORPUS / name).read_bytes()).decode()
+
+    error = assert_rejected(digits_stack, predict(digits_stack, json={"image": encoded}), status, code)
+
+    assert word in error["message"] or code == "missing_image"
+
+
+def test_corpus_json_bodies_as_sent(digits_stack):
+    headers = {"Content-Type": "application/json"}
+    invalid = predict(digits_stack, data=(CORPUS / "invalid_base64.json").read_bytes(), headers=headers)
+    not_object = predict(digits_stack, data=(CORPUS / "not_an_object.json").read_bytes(), headers=headers)
+
+    assert "base64" in assert_rejected(digits_stack, invalid, 400, "invalid_image")["message"]
+    assert "object" in assert_rejected(digits_stack, not_object, 400, "bad_request")["message"]
+
+
+# Request shapes: what a confused or hostile client sends instead of the contract's two forms.
+PNG = encode(Image.fromarray(np.tile(np.arange(0, 256, 32, dtype=np.uint8), (8, 1))), "PNG")  # 8x8 stripes
+JSON = {"Content-Type": "application/json"}
+SHAPES = {
+    "wrong multipart field name": (dict(files={"file": ("a.png", PNG)}), 400, "missing_image"),
+    "image as a text field": (dict(data={"image": base64.b64encode(PNG).decode()}), 400, "missing_image"),
+    "empty multipart file": (dict(files={"image": ("a.png", b"")}), 400, "missing_image"),
+    "browser form, no file chosen": (
+        dict(files={"image": ("", b"", "application/octet-stream")}),
+        400,
+        "missing_image",
+    ),
+    "no body": (dict(), 400, "missing_image"),
+    "raw PNG as application/octet-stream": (
+        dict(data=PNG, headers={"Content-Type": "application/octet-stream"}),
+        400,
+        "missing_image",
+    ),
+    "raw PNG as image/png": (dict(data=PNG, headers={"Content-Type": "image/png"}), 400, "missing_image"),
+    "JSON body as text/plain": (
+        dict(data=json.dumps({"image": base64.b64encode(PNG).decode()}), headers={"Content-Type": "text/plain"}),
+        400,
+        "missing_image",
+    ),
+    "multipart without a boundary": (
+        dict(data=b"--x\r\n\r\nhello", headers={"Content-Type": "multipart/form-data"}),
+        400,
+        "missing_image",
+    ),
+    "multipart with a broken body": (
+        dict(
+            data=b'--x\r\nContent-Disposition: form-data; name="image"; filename="a.png"\r\n\r\n\x89PNG',
+            headers={"Content-Type": "multipart/form-data; boundary=x"},
+        ),
+        400,
+        "missing_image",
+    ),
+    "invalid JSON": (dict(data=b'{"image": ', headers=JSON), 400, "bad_request"),
+    "JSON that is not UTF-8": (dict(data=b'{"image": "\xff\xfe"}', headers=JSON), 400, "bad_request"),
+    "JSON array": (dict(json=["image", "iVBORw0KGgo="]), 400, "bad_request"),
+    "JSON string": (dict(json="iVBORw0KGgo="), 400, "bad_request"),
+    "JSON number": (dict(json=42), 400, "bad_request"),
+    "JSON null": (dict(data=b"null", headers=JSON), 400, "bad_request"),
+    "JSON nested 100000 deep": (dict(data=b"[" * 100_000 + b"]" * 100_000, headers=JSON), 400, "bad_request"),
+    "JSON object nested deep": (dict(data=b'{"a":' * 50_000 + b"1" + b"}" * 50_000, headers=JSON), 400, "bad_request"),
+    "JSON without image": (dict(json={"picture": "iVBORw0KGgo="}), 400, "missing_image"),
+    "JSON image null": (dict(json={"image": None}), 400, "missing_image"),
+    "JSON image empty": (dict(json={"image": ""}), 400, "missing_image"),
+    "JSON image a number": (dict(json={"image": 12345}), 400, "bad_request"),
+    "JSON image a list": (dict(json={"image": [137, 80, 78, 71]}), 400, "bad_request"),
+    "JSON image an object": (dict(json={"image": {"data": "iVBORw0KGgo="}}), 400, "bad_request"),
+    "JSON image true": (dict(json={"image": True}), 400, "bad_request"),
+    "base64 with junk characters": (dict(json={"image": "iVBOR*w0KGgo="}), 400, "invalid_image"),
+    "base64 of impossible length": (dict(json={"image": "iVBORw0KG"}), 400, "invalid_image"),
+    "base64 with non-ASCII": (dict(json={"image": "iVBORw0KGgo\u00e9"}), 400, "invalid_image"),
+    "URL-safe base64": (dict(json={"image": "-_-_"}), 400, "invalid_image"),
+    "base64 of nothing but padding": (dict(json={"image": "===="}), 400, "invalid_image"),
+    "base64 of text": (dict(json={"image": base64.b64encode(b"hello world").decode()}), 400, "invalid_image"),
+    "data URL of text": (dict(json={"image": "data:text/plain;base64,aGVsbG8="}), 400, "invalid_image"),
+}
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_odd_request_shapes(digits_stack, shape):
+    kwargs, status, code = SHAPES[shape]
+
+    assert_rejected(digits_stack, predict(digits_stack, **kwargs), status, code)
+
+
+def test_a_text_field_named_image_gets_a_hint(digits_stack):
+    error = assert_rejected(digits_stack, predict(digits_stack, data={"image": "photo.jpg"}), 400, "missing_image")
+
+    assert "text field" in error["message"]
+
+
+# top_k: anything but a whole number from 1 to the number of classes (10 for digits) is refused.
+JUNK_TOP_K = ["abc", "\u00b2", "\u0663", "-1", "0", "11", "1e3", "1.5", "0x3", " ", "9" * 1000, "1" + "0" * 20]
+JUNK_JSON_TOP_K = [-1, 0, 11, 1e3, 1.5, 3.0, True, False, 10**30, float("inf"), [3], {"k": 3}, "abc", "\u00b2"]
+
+
+@pytest.mark.parametrize("top_k", JUNK_TOP_K, ids=lambda v: repr(v)[:12])
+@pytest.mark.parametrize("where", ["form", "query"])
+def test_junk_top_k_in_form_or_query(digits_stack, where, top_k):
+    if where == "form":
+        response = post_image(digits_stack.url, PNG, top_k=top_k)
+    else:
+        response = predict(digits_stack, params={"top_k": top_k}, files={"image": ("a.png", PNG)})
+
+    error = assert_rejected(digits_stack, response, 400, "bad_request")
+
+    assert "top_k" in error["message"] and len(error["message"]) < 200
+
+
+def test_a_5000_digit_top_k_is_refused(digits_stack):
+    """int() refuses over 4300 digits with a ValueError; that must not become a 500."""
+    response = post_image(digits_stack.url, PNG, top_k="9" * 5000)
+
+    assert_rejected(digits_stack, response, 400, "bad_request")
+
+
+@pytest.mark.parametrize("top_k", JUNK_JSON_TOP_K, ids=lambda v: repr(v)[:12])
+def test_junk_top_k_in_json(digits_stack, top_k):
+    body = json.dumps({"image": base64.b64encode(PNG).decode(), "top_k": top_k})  # inf: Python writes Infinity
+
+    response = predict(digits_stack, data=body, headers=JSON)
+
+    assert "top_k" in assert_rejected(digits_stack, response, 400, "bad_request")["message"]
+
+
+# Too large: MAX_UPLOAD_MB is checked before the body is read.
+
+
+LIMIT = int(settings.MAX_UPLOAD_MB * 1024 * 1024)
+
+
+@pytest.fixture(scope="module")
+def oversize() -> bytes:
+    """A PNG signature and then twice MAX_UPLOAD_MB of noise: no decoder ever sees it."""
+    return b"\x89PNG\r\n\x1a\n" + np.random.default_rng(0).integers(0, 256, 2 * LIMIT, np.uint8).tobytes()
+
+
+def chunked(body: bytes) -> Iterator[bytes]:
+    """A generator makes requests send the body in chunked encoding, with no Content-Length."""
+    return (body[i : i + (1 << 20)] for i in range(0, len(body), 1 << 20))
+
+
+def test_an_upload_over_the_limit_is_413(digits_stack, oversize):
+    error = assert_rejected(digits_stack, post_image(digits_stack.url, oversize), 413, "too_large")
+
+    assert f"{settings.MAX_UPLOAD_MB:g} MB" in error["message"]
+
+
+def json_just_over_the_limit() -> bytes:
+    """A JSON body 1 MB over the limit (the size, not the content, is what is checked)."""
+    encoded = base64.b64encode(b"\0" * (LIMIT * 3 // 4 + (1 << 20)))
+    return b'{"image": "' + encoded + b'"}'
+
+
+def test_a_json_body_over_the_limit_is_413(digits_stack):
+    response = predict(digits_stack, data=json_just_over_the_limit(), headers=JSON)
+
+    assert_rejected(digits_stack, response, 413, "too_large")
+
+
+def test_a_chunked_upload_over_the_limit_is_413(digits_stack):
+    """No Content-Length to check up front: the limit must hold while the body streams in."""
+    response = predict(digits_stack, data=chunked(json_just_over_the_limit()), headers=JSON)
+
+    assert_rejected(digits_stack, response, 413, "too_large")
+
+
+def test_a_chunked_body_of_exactly_the_limit_is_served(digits_stack):
+    """The other side of the check above: a body that ends right at the limit is not too large."""
+    body = json.dumps({"image": base64.b64encode(PNG).decode()}).encode()
+    body += b" " * (LIMIT - len(body))  # JSON allows trailing whitespace
+
+    response = predict(digits_stack, data=chunked(body), headers=JSON)
+
+    assert response.status_code == 200, response.text
+
+
+# What must still work next to all of the above.
+VALID = {
+    "data URL": dict(json={"image": "data:image/png;base64," + base64.b64encode(PNG).decode()}),
+    "base64 without padding": dict(json={"image": base64.b64encode(PNG + b"\0").decode().rstrip("=")}),
+    "base64 in 76-column lines": dict(json={"image": base64.encodebytes(PNG).decode()}),
+    "JSON top_k as a string": dict(json={"image": base64.b64encode(PNG).decode(), "top_k": "10"}),
+    "JSON top_k null means the default": dict(json={"image": base64.b64encode(PNG).decode(), "top_k": None}),
+    "top_k with spaces": dict(files={"image": ("a.png", PNG)}, data={"top_k": " 2 "}),
+    "top_k 1 in the query": dict(files={"image": ("a.png", PNG)}, params={"top_k": "1"}),
+    "empty top_k means the default": dict(files={"image": ("a.png", PNG)}, data={"top_k": ""}),
+    "application/*+json": dict(
+        data=json.dumps({"image": base64.b64encode(PNG).decode()}), headers={"Content-Type": "application/x+json"}
+    ),
+}
+
+
+@pytest.mark.parametrize("case", VALID)
+def test_valid_variants_are_served(digits_stack, case):
+    response = predict(digits_stack, **VALID[case])
+
+    assert response.status_code == 200, response.text
+    assert 1 <= len(response.json()["predictions"]) <= 10
+
+
+@pytest.mark.parametrize("name", ["page.svg", "vector.eps"])
+def test_formats_outside_the_list_are_never_handed_to_pillow_plugins(name):
+    with pytest.raises(images.InvalidImage, match="supported format"):
+        images.decode((CORPUS / name).read_bytes(), 8, 8, 1)
