@@ -79,8 +79,12 @@ def queue_depth(r: redis.Redis) -> int:
 
 
 def model_info(r: redis.Redis) -> wire.ModelInfo | None:
+    """What the model servers published; None when nothing readable was."""
     raw = r.get(wire.MODEL_INFO)
-    return None if raw is None else wire.ModelInfo.decode(raw)
+    try:
+        return None if raw is None else wire.ModelInfo.decode(raw)
+    except wire.MalformedMessage:
+        return None
 
 
 def live_servers(r: redis.Redis) -> int:

@@ -52,7 +52,12 @@ class ModelInfo:
 
     @classmethod
     def decode(cls, raw: str | bytes) -> ModelInfo:
-        return cls(**json.loads(raw))
+        """Raises MalformedMessage unless raw is a complete ModelInfo; extra keys are ignored."""
+        try:
+            msg = json.loads(raw)
+            return cls(str(msg["name"]), *(int(msg[k]) for k in ("height", "width", "channels", "num_classes")))
+        except (ValueError, KeyError, TypeError) as exc:
+            raise MalformedMessage(f"model info: {type(exc).__name__}: {exc}") from None
 
     @property
     def shape(self) -> tuple[int, int, int]:
@@ -109,5 +114,11 @@ def encode_failure(message: str) -> str:
 
 
 def decode_result(raw: str | bytes) -> dict:
-    """Either {"predictions": [...]} or {"error": "..."}."""
-    return json.loads(raw)
+    """Either {"predictions": [...]} or {"error": "..."}; anything else reads as an error."""
+    try:
+        msg = json.loads(raw)
+    except ValueError:
+        msg = None
+    if isinstance(msg, dict) and (isinstance(msg.get("predictions"), list) or "error" in msg):
+        return msg
+    return {"error": "the model server's answer could not be read"}

@@ -1,0 +1,11 @@
+"""The code stays ruff clean: a lint failure fails make test, as CI runs nothing else."""
+
+import subprocess
+import sys
+
+from serving.launch import REPO
+
+
+def test_ruff_check_is_clean():
+    result = subprocess.run([sys.executable, "-m", "ruff", "check", str(REPO)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout
