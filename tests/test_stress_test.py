@@ -1,0 +1,191 @@
+"""stress_test.py end to end: real processes, real HTTP, against tests/fake_upstream.py."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import pathlib
+import socket
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+
+import pytest
+import requests
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+STRESS_TEST = ROOT / "stress_test.py"
+FAKE_UPSTREAM = ROOT / "tests" / "fake_upstream.py"
+FAIL_MARKER = b"FAIL503"  # uploads holding these bytes get a 503 from the fake upstream
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+LATENCY_KEYS = ["min", "mean", "p50", "p90", "p95", "p99", "max"]
+Completed = subprocess.CompletedProcess
+
+
+@contextlib.contextmanager
+def fake_upstream(*args: str) -> Iterator[str]:
+    """Run tests/fake_upstream.py with `args` in its own process; yield its base URL."""
+    process = subprocess.Popen([sys.executable, str(FAKE_UPSTREAM), *args], stdout=subprocess.PIPE, text=True)
+    try:
+        line = process.stdout.readline()
+        assert line.startswith("PORT "), f"fake upstream did not start: {line!r}"
+        yield f"http://127.0.0.1:{int(line.split()[1])}"
+    finally:
+        process.kill()
+        process.wait()
+
+
+@pytest.fixture(scope="module")
+def upstream() -> Iterator[str]:
+    with fake_upstream("--fail-marker", FAIL_MARKER.decode()) as url:
+        yield url
+
+
+def image(tmp_path: pathlib.Path, name: str, fail: bool = False) -> pathlib.Path:
+    """A file of random bytes (so its digest is unique to the test), optionally marked to fail."""
+    path = tmp_path / name
+    path.write_bytes(os.urandom(3000) + (FAIL_MARKER if fail else b"") + os.urandom(500))
+    return path
+
+
+def digest(path: pathlib.Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def uploads(upstream: str) -> dict:
+    """What the fake upstream received: {image digest: {"count": n, "connections": k}}."""
+    return requests.get(f"{upstream}/received", timeout=10).json()
+
+
+def stress(tmp_path: pathlib.Path, url: str, *images: pathlib.Path, **options: object) -> tuple[Completed, dict]:
+    """Run stress_test.py with --json and --plot into tmp_path; return the process and the JSON.
+
+    `options` are further flags, `rate=40` for `--rate 40`.
+    """
+    out = tmp_path / "result.json"
+    command = [sys.executable, STRESS_TEST, "--url", url, "--json", out, "--plot", tmp_path / "plot.png"]
+    command += [arg for path in images for arg in ("--image", path)]
+    command += [arg for name, value in options.items() for arg in (f"--{name}", value)]
+    done = subprocess.run([str(arg) for arg in command], capture_output=True, text=True, timeout=60)
+    assert done.returncode in (0, 1), done.stderr
+    return done, json.loads(out.read_text())
+
+
+def check_consistent(summary: dict) -> None:
+    assert {"requests", "ok", "errors", "duration_s", "throughput_rps", "latency_ms"} <= summary.keys()
+    assert summary["ok"] + sum(summary["errors"].values()) == summary["requests"] > 0
+    assert all(isinstance(key, str) for key in summary["errors"])
+    assert list(summary["latency_ms"]) == LATENCY_KEYS
+    assert summary["duration_s"] > 0 and summary["throughput_rps"] > 0
+
+
+def check_plot(tmp_path: pathlib.Path) -> None:
+    assert (tmp_path / "plot.png").read_bytes()[:8] == PNG_MAGIC
+
+
+def test_closed_loop_sends_every_image_in_turn(upstream, tmp_path):
+    images = [image(tmp_path, "a.jpg"), image(tmp_path, "b.png")]
+    done, summary = stress(tmp_path, f"{upstream}/predict", *images, requests=20, concurrency=4)
+    assert done.returncode == 0, done.stderr
+    check_consistent(summary)
+    assert summary["requests"] == summary["ok"] == 20 and summary["errors"] == {}
+    latency = [summary["latency_ms"][key] for key in LATENCY_KEYS[2:]]
+    assert latency == sorted(latency) and summary["latency_ms"]["min"] <= summary["latency_ms"]["mean"]
+    received = [uploads(upstream)[digest(path)] for path in images]
+    assert [upload["count"] for upload in received] == [10, 10]  # exact bytes, in field 'image'
+    assert all(upload["connections"] <= 4 for upload in received)  # one kept-alive connection per client
+    assert "requests" in done.stdout and "p99" in done.stdout
+    check_plot(tmp_path)
+
+
+def test_non_200_answers_count_as_errors_by_status(upstream, tmp_path):
+    good, bad = image(tmp_path, "good.jpg"), image(tmp_path, "bad.jpg", fail=True)
+    done, summary = stress(tmp_path, f"{upstream}/predict", good, bad, requests=10, concurrency=2)
+    assert done.returncode == 1
+    check_consistent(summary)
+    assert summary["ok"] == 5 and summary["errors"] == {"503": 5}
+    assert summary["latency_ms"]["max"] is not None  # 503s are answers: they have latencies
+    check_plot(tmp_path)
+
+
+def test_open_loop_sends_rate_times_duration(upstream, tmp_path):
+    path = image(tmp_path, "open.jpg")
+    done, summary = stress(tmp_path, f"{upstream}/predict", path, rate=40, duration=2)
+    assert done.returncode == 0, done.stderr
+    check_consistent(summary)
+    assert 60 <= summary["requests"] <= 100  # 40/s for 2 s; generous, the machine is noisy
+    assert summary["settings"]["mode"] == "open" and "schedule_lag_ms" in summary
+    assert uploads(upstream)[digest(path)]["count"] == summary["requests"]
+    check_plot(tmp_path)
+
+
+def test_no_server_gives_the_exception_name(tmp_path):
+    with socket.socket() as unused:
+        unused.bind(("127.0.0.1", 0))  # bound but not listening: connections are refused
+        port = unused.getsockname()[1]
+        done, summary = stress(tmp_path, f"http://127.0.0.1:{port}/predict", image(tmp_path, "x.jpg"), requests=3)
+    assert done.returncode == 1
+    check_consistent(summary)
+    assert summary["errors"] == {"ConnectionRefusedError": 3}
+    assert set(summary["latency_ms"].values()) == {None}  # nothing was answered
+    check_plot(tmp_path)
+
+
+def test_timeout_ends_a_run_against_a_hung_server(upstream, tmp_path):
+    hang = f"{upstream}/hang"
+    done, summary = stress(tmp_path, hang, image(tmp_path, "x.jpg"), duration=0.5, rate=4, timeout=1)
+    assert done.returncode == 1
+    check_consistent(summary)
+    assert summary["errors"] == {"timeout": summary["requests"]}
+
+
+def test_connections_closed_by_the_server_while_idle_are_reopened(tmp_path):
+    with fake_upstream("--bare", "--idle-close", "0.2") as url:
+        done, summary = stress(tmp_path, f"{url}/predict", image(tmp_path, "x.jpg"), rate=1, duration=2.5)
+    assert done.returncode == 0, done.stdout
+    assert summary["requests"] == summary["ok"] == 3
+
+
+def answer_413_before_the_body(listener: socket.socket, connections: int) -> None:
+    """Like a server with an upload limit: answer as soon as the headers are in, then close."""
+    for _ in range(connections):
+        conn, _ = listener.accept()
+        with conn:
+            head = b""
+            while b"\r\n\r\n" not in head:
+                head += conn.recv(65536)
+            conn.sendall(b"HTTP/1.1 413 Payload Too Large\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+
+
+def test_an_early_answer_to_a_large_upload_is_counted(tmp_path):
+    big = tmp_path / "big.jpg"
+    big.write_bytes(bytes(32 * 1024 * 1024))  # far more than the socket buffers take before the server closes
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        threading.Thread(target=answer_413_before_the_body, args=(listener, 3), daemon=True).start()
+        port = listener.getsockname()[1]
+        done, summary = stress(tmp_path, f"http://127.0.0.1:{port}/predict", big, requests=3)
+    assert done.returncode == 1
+    check_consistent(summary)
+    assert summary["errors"] == {"413": 3}  # not ConnectionResetError: the answer came before the reset
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--image", "missing.jpg", "--requests", "1"], "missing.jpg"),
+        (["--image", "{image}"], "--requests"),
+        (["--image", "{image}", "--requests", "1", "--duration", "1"], "not allowed"),
+        (["--image", "{image}", "--requests", "1", "--concurrency", "2", "--rate", "1"], "not allowed"),
+        (["--image", "{image}", "--requests", "0"], "greater than 0"),
+    ],
+)
+def test_usage_errors_exit_2(tmp_path, args, message):
+    path = image(tmp_path, "x.jpg")
+    command = [sys.executable, str(STRESS_TEST), "--url", "http://127.0.0.1:9/predict"]
+    command += [arg.format(image=path) for arg in args]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    assert done.returncode == 2
+    assert message in done.stderr
