@@ -175,16 +175,21 @@ def test_queue_limit_refuses_at_once_with_retry_after(make_stack):
     stack = make_stack(QUEUE_LIMIT="3")
     model = stack.model_server()
     url = stack.web_server()
+    r = stack.redis()
     model.send_signal(signal.SIGSTOP)
     try:
-        waiting = send_many(url, 3, concurrency=3)
-        wait_until(lambda: stack.redis().llen(wire.QUEUE) == 3, 10, "queue full")
+        # One at a time: a pending blocking pop of the stopped server may take the first into flight.
+        waiting: list[Future] = []
+        while r.llen(wire.QUEUE) < 3:
+            waiting += send_many(url, 1, concurrency=1)
+            sent = len(waiting)
+            wait_until(lambda n=sent: r.llen(wire.QUEUE) + inflight_total(stack) == n, 10, "queued")
         refused = post_image(url, digit_png())
     finally:
         model.send_signal(signal.SIGCONT)
     assert refused.status_code == 503 and refused.json()["error"]["code"] == "overloaded"
     assert refused.headers["Retry-After"].isdigit()
-    assert [f.result(timeout=30).status_code for f in waiting] == [200] * 3
+    assert [f.result(timeout=30).status_code for f in waiting] == [200] * len(waiting)
     assert refused.headers["X-Request-ID"] not in {i for _, ids in stack.batches() for i in ids}
 
 
