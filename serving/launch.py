@@ -62,7 +62,7 @@ def start_redis(port: int, password: str | None = None, bind: str = "127.0.0.1")
 
 def start_python(script: str, env: dict[str, str], log_path: pathlib.Path | None = None) -> subprocess.Popen:
     """Run one of the repo's entry points with extra environment, its output to log_path."""
-    out = open(log_path, "ab") if log_path else None  # noqa: SIM115 (the child owns it)
+    out = open(log_path, "wb") if log_path else None  # noqa: SIM115 (the child owns it)
     return subprocess.Popen(
         [sys.executable, str(REPO / script)],
         cwd=REPO,
@@ -108,11 +108,11 @@ class Stack:
         self.redis_process = start_redis(self.redis_port, self.redis_password)
 
     def model_server(self, **env: str) -> subprocess.Popen:
-        """Start one more model server and wait until it takes jobs."""
+        """Start one more model server and wait until it takes jobs (it logs "serving" once warmed up)."""
         log_path = self.workdir / f"model-{len(self.model_logs)}.log"
         self.model_logs.append(log_path)
         process = self._start("model_server.py", log_path, env)
-        wait_until(lambda: b" serving " in log_path.read_bytes(), 120, f"model server ({log_path})", process)
+        wait_until(lambda: b" serving " in log_path.read_bytes(), 180, f"model server ({log_path})", process)
         return process
 
     def web_server(self, **env: str) -> str:
