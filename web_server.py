@@ -71,7 +71,6 @@ def _finish(response: Response) -> Response:
     response.headers["X-Request-ID"] = g.request_id
     elapsed = time.monotonic() - g.started
     metrics.observe_request(request.url_rule.rule if request.url_rule else "other", response.status_code, elapsed)
-    elapsed_ms = elapsed * 1000
     logs.event(
         log,
         "request",
@@ -79,7 +78,7 @@ def _finish(response: Response) -> Response:
         method=request.method,
         path=request.path,
         status=response.status_code,
-        ms=round(elapsed_ms, 1),
+        ms=round(elapsed * 1000, 1),
     )
     return response
 
@@ -100,6 +99,7 @@ def _check_api_key() -> None:
 
 @app.post("/predict")
 def predict() -> Response:
+    deadline = time.time() + settings.REQUEST_TIMEOUT_S  # from arrival: decoding counts too
     _check_api_key()
     data, raw_top_k = read_image(request)
     info = model_info()
@@ -107,8 +107,8 @@ def predict() -> Response:
     try:
         pixels = images.decode(data, info.height, info.width, info.channels)
     except images.InvalidImage as exc:
-        raise ApiError(400, "invalid_image", f"{exc}; send a JPEG, PNG, GIF, WebP or BMP file") from None
-    job = wire.Job(g.request_id, pixels, time.time() + settings.REQUEST_TIMEOUT_S, top_k)
+        raise ApiError(400, "invalid_image", f"{exc}; send a JPEG, PNG, GIF, WebP, BMP, TIFF or AVIF file") from None
+    job = wire.Job(g.request_id, pixels, deadline, top_k)
     _submit(job)
     result = queue.wait_result(_redis_blocking(), job.request_id, job.deadline)
     if result is None:
