@@ -47,7 +47,7 @@ PREPROCESS = _str("PREPROCESS", "")
 
 # Batching: see the README's tuning guide for how these defaults were measured.
 BATCH_SIZE = _int("BATCH_SIZE", 32, minimum=1)
-BATCH_WAIT_MS = _int("BATCH_WAIT_MS", 2)
+BATCH_WAIT_MS = _int("BATCH_WAIT_MS", 0)
 
 REQUEST_TIMEOUT_S = _float("REQUEST_TIMEOUT_S", 30.0)
 QUEUE_LIMIT = _int("QUEUE_LIMIT", 256, minimum=1)
