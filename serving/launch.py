@@ -133,6 +133,15 @@ class Stack:
                     found.append((int(fields["size"]), fields["request_ids"].split(",")))
         return found
 
+    def model_ms(self, size: int) -> list[float]:
+        """How long each logged predict of a batch of `size` took inside the model servers."""
+        found = []
+        for path in self.model_logs:
+            for line in path.read_text(errors="replace").splitlines():
+                if f" batch size={size} " in line:
+                    found.append(float(line.split(" model_ms=", 1)[1].split()[0]))
+        return found
+
     def close(self) -> None:
         for process in reversed(self.processes):
             stop(process, timeout_s=10)
