@@ -125,21 +125,18 @@ class Stack:
 
     def batches(self) -> list[tuple[int, list[str]]]:
         """Every batch the model servers logged: (size, request ids)."""
+        return [(int(b["size"]), b["request_ids"].split(",")) for b in self._logged_batches()]
+
+    def model_ms(self, size: int | None = None) -> list[float]:
+        """How long each logged predict took (only batches of `size`, if given), in batches() order."""
+        return [float(b["model_ms"]) for b in self._logged_batches() if size is None or int(b["size"]) == size]
+
+    def _logged_batches(self) -> list[dict[str, str]]:
         found = []
         for path in self.model_logs:
             for line in path.read_text(errors="replace").splitlines():
                 if " batch size=" in line:
-                    fields = dict(part.split("=", 1) for part in line.split() if "=" in part)
-                    found.append((int(fields["size"]), fields["request_ids"].split(",")))
-        return found
-
-    def model_ms(self, size: int) -> list[float]:
-        """How long each logged predict of a batch of `size` took inside the model servers."""
-        found = []
-        for path in self.model_logs:
-            for line in path.read_text(errors="replace").splitlines():
-                if f" batch size={size} " in line:
-                    found.append(float(line.split(" model_ms=", 1)[1].split()[0]))
+                    found.append(dict(part.split("=", 1) for part in line.split() if "=" in part))
         return found
 
     def close(self) -> None:
