@@ -23,6 +23,16 @@ timeout = int(settings.REQUEST_TIMEOUT_S) + 30
 keepalive = 30  # load balancers and stress_test.py reuse connections
 accesslog = None  # the app logs one line per request itself, with its request id
 loglevel = settings.LOG_LEVEL.lower()
+if settings.LOG_FORMAT == "json":  # gunicorn's own lines (start, workers, signals) as JSON too
+    logconfig_dict = {
+        "version": 1,
+        "formatters": {"json": {"()": "serving.logs.JsonFormatter"}},
+        "handlers": {"json": {"class": "logging.StreamHandler", "formatter": "json", "stream": "ext://sys.stderr"}},
+        "loggers": {"gunicorn.error": {"handlers": ["json"], "level": settings.LOG_LEVEL, "propagate": False}},
+        # gunicorn merges these keys over its defaults one level deep: its root logger would
+        # name a handler that "handlers" above replaced.
+        "root": {"handlers": ["json"], "level": settings.LOG_LEVEL},
+    }
 # gunicorn's control socket sits at one fixed path per user, so a second server on the same
 # host would take it over; we manage workers with signals instead.
 control_socket_disable = True

@@ -112,7 +112,7 @@ class Stack:
         log_path = self.workdir / f"model-{len(self.model_logs)}.log"
         self.model_logs.append(log_path)
         process = self._start("model_server.py", log_path, env)
-        wait_until(lambda: b" serving " in log_path.read_bytes(), 180, f"model server ({log_path})", process)
+        wait_until(lambda: b"serving " in log_path.read_bytes(), 180, f"model server ({log_path})", process)
         return process
 
     def web_server(self, **env: str) -> str:

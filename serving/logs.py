@@ -10,7 +10,7 @@ import sys
 import settings
 
 
-class _JsonFormatter(logging.Formatter):
+class JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         line = {
             "time": self.formatTime(record, "%Y-%m-%dT%H:%M:%S"),
@@ -37,7 +37,7 @@ class _TextFormatter(logging.Formatter):
 def setup(name: str) -> None:
     """Log to stderr at LOG_LEVEL in LOG_FORMAT; `name` tags the lines of this process."""
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(_JsonFormatter() if settings.LOG_FORMAT == "json" else _TextFormatter())
+    handler.setFormatter(JsonFormatter() if settings.LOG_FORMAT == "json" else _TextFormatter())
     logging.basicConfig(level=settings.LOG_LEVEL, handlers=[handler], force=True)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow's C++ start-up chatter
     logging.getLogger(name).debug("logging as %s", settings.LOG_FORMAT)

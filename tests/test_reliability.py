@@ -232,7 +232,7 @@ def test_three_times_capacity_is_refused_early_not_queued_forever(make_stack, sl
     model = stack.model_server()
     url = stack.web_server()
     capacity = stress(url, tmp_path, "--requests", "48", "--concurrency", "16")["throughput_rps"]
-    memory_before = {p.pid: rss_mb(p.pid) for p in (model, stack.processes[-1])}
+    memory_before = {p.pid: rss_mb(p.pid) for p in (model, stack.processes[-1], stack.redis_process)}
 
     run = stress(url, tmp_path, "--duration", "15", "--rate", str(round(3 * capacity, 1)), "--timeout", "30")
 
