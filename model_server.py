@@ -66,10 +66,10 @@ class ModelServer:
             results = {job.request_id: wire.encode_failure(type(exc).__name__) for job in jobs}
         seconds = time.perf_counter() - started
         self.queue.answer(results, settings.RESULT_TTL_S)
-        if jobs:
+        metrics.record_batch(self.queue.r, len(jobs), seconds, expired, malformed)
+        if jobs:  # logged last: a logged batch has been answered and counted
             ids = ",".join(job.request_id for job in jobs)
             logs.event(log, "batch", size=len(jobs), model_ms=round(seconds * 1000, 1), request_ids=ids)
-        metrics.record_batch(self.queue.r, len(jobs), seconds, expired, malformed)
 
     def _sort_out(self, raw: list[bytes]) -> tuple[list[wire.Job], int, int]:
         """The jobs worth computing, and how many were expired or malformed (dropped, logged)."""

@@ -127,6 +127,11 @@ class Stack:
         """Every batch the model servers logged: (size, request ids)."""
         return [(int(b["size"]), b["request_ids"].split(",")) for b in self._logged_batches()]
 
+    def wait_logged(self, request_ids: list[str], timeout_s: float = 15) -> None:
+        """Wait until each id shows in a logged batch (a batch is logged just after its answers)."""
+        wanted = set(request_ids)
+        wait_until(lambda: wanted <= {i for _, ids in self.batches() for i in ids}, timeout_s, "batches logged")
+
     def model_ms(self, size: int | None = None) -> list[float]:
         """How long each logged predict took (only batches of `size`, if given), in batches() order."""
         return [float(b["model_ms"]) for b in self._logged_batches() if size is None or int(b["size"]) == size]

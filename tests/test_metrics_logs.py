@@ -7,7 +7,7 @@ import re
 
 import requests
 
-from serving.launch import REPO
+from serving.launch import REPO, wait_until
 
 DIGIT = (REPO / "samples" / "digit_3.png").read_bytes()
 
@@ -24,8 +24,9 @@ def test_metrics_add_up_across_web_workers_and_model_servers(make_stack):
     stack = make_stack(WEB_WORKERS="2")
     stack.model_server()
     url = stack.web_server()
-    for _ in range(40):  # a new connection each, so both workers take some
-        assert requests.post(f"{url}/predict", files={"image": DIGIT}, timeout=30).status_code == 200
+    responses = [requests.post(f"{url}/predict", files={"image": DIGIT}, timeout=30) for _ in range(40)]
+    assert [r.status_code for r in responses] == [200] * 40  # a new connection each: both workers take some
+    stack.wait_logged([r.json()["request_id"] for r in responses])  # logged after their figures are added
     requests.get(f"{url}/nowhere", timeout=10)
 
     text = requests.get(f"{url}/metrics", timeout=10).text
@@ -52,6 +53,7 @@ def test_json_logs_follow_a_request_across_both_tiers(make_stack):
 
     request_id = response.json()["request_id"]
     assert response.headers["X-Request-ID"] == request_id
+    wait_until(lambda: request_id in stack.model_logs[0].read_text(), 15, "the batch logged")
     # Every line of the web tier is JSON, gunicorn's own included (the model server's C++
     # libraries print a few plain lines at start-up, before Python's logging exists).
     web_lines = [json.loads(line) for line in next(stack.workdir.glob("web-*.log")).read_text().splitlines()]

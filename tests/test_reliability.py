@@ -51,8 +51,9 @@ def test_sigkill_mid_batch_loses_no_request(make_stack, slow_model_file):
     responses = [f.result(timeout=60) for f in futures]
 
     assert [r.status_code for r in responses] == [200] * 48
-    answered = [i for _, ids in stack.batches() for i in ids]
     ids = [r.json()["request_id"] for r in responses]
+    stack.wait_logged(ids)
+    answered = [i for _, ids in stack.batches() for i in ids]
     assert set(ids) <= set(answered) and len(answered) == len(set(answered))  # each computed once
     # What the victim held when killed was requeued by its replacement and answered there.
     assert "requeued" in stack.model_logs[1].read_text()
@@ -114,7 +115,9 @@ def test_malformed_messages_are_dropped_and_their_batch_answered(make_stack):
         wait_until(lambda: r.llen(wire.QUEUE) + inflight_total(stack) == len(junk) + 4, 10, "all queued")
     finally:
         model.send_signal(signal.SIGCONT)
-    assert [f.result(timeout=30).status_code for f in futures] == [200] * 4
+    responses = [f.result(timeout=30) for f in futures]
+    assert [r.status_code for r in responses] == [200] * 4
+    stack.wait_logged([r.json()["request_id"] for r in responses])
     assert stack.model_logs[0].read_text().count("dropped a malformed message") == len(junk)
     assert [size for size, _ in stack.batches()] == [4]  # one batch: the junk's and the real jobs'
     assert model.poll() is None

@@ -74,6 +74,7 @@ def test_200_requests_in_flight_each_get_their_own_answer(digits_stack, holdout,
     served = np.stack([distribution(r) for r in responses])
     np.testing.assert_allclose(served, reference[chosen], atol=1e-5)
     assert len({r.json()["request_id"] for r in responses}) == len(chosen)
+    digits_stack.wait_logged([r.json()["request_id"] for r in responses])
     sizes = [size for size, _ in digits_stack.batches()[batches_before:]]
     print("batch sizes under 200 concurrent requests:", sizes)
     assert max(sizes) > 1 and sum(sizes) == len(chosen)
@@ -88,6 +89,7 @@ def test_two_model_servers_answer_every_request_exactly_once(make_stack, holdout
     with ThreadPoolExecutor(48) as pool:
         responses = list(pool.map(lambda image: post_image(url, png(image)), images))
     assert [r.status_code for r in responses] == [200] * len(images)
+    stack.wait_logged([r.json()["request_id"] for r in responses])
     answered = [request_id for _, ids in stack.batches() for request_id in ids]
     assert sorted(answered) == sorted(r.json()["request_id"] for r in responses)  # each once, none twice
     per_server = [sum(1 for line in log.read_text().splitlines() if " batch size=" in line) for log in stack.model_logs]
