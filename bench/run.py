@@ -18,7 +18,7 @@ import sys
 import time
 
 from bench.common import RESULTS, ModelSpec, load_curve, model_spec, our_stack
-from serving.launch import REPO, free_port, start_python, stop, wait_until
+from serving.launch import REPO, free_port, http_ok, start_python, stop, wait_until
 
 CONCURRENCY = (1, 8, 32, 64)
 CEILING_BATCHES = (1, 8, 16, 32, 64)
@@ -38,7 +38,7 @@ def naive(spec: ModelSpec, duration: float) -> dict[int, dict]:
     process = start_python("bench/naive_server.py", {**spec.env, "PORT": str(port), "PYTHONPATH": str(REPO)})
     try:
         url = f"http://127.0.0.1:{port}"
-        wait_until(lambda: _answers(url), 180, "naive server", process)
+        wait_until(lambda: http_ok(f"{url}/health"), 180, "naive server", process)
         return load_curve(url, spec.image, CONCURRENCY, duration)
     finally:
         stop(process)
@@ -54,15 +54,6 @@ def ours(spec: ModelSpec, duration: float) -> dict[int, dict]:
         return curve
     finally:
         stack.close()
-
-
-def _answers(url: str) -> bool:
-    import urllib.request
-
-    try:
-        return urllib.request.urlopen(f"{url}/health", timeout=2).status == 200
-    except OSError:
-        return False
 
 
 def report(results: dict) -> str:

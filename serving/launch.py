@@ -120,7 +120,7 @@ class Stack:
         port = free_port()
         process = self._start("web_server.py", self.workdir / f"web-{port}.log", {"PORT": str(port), **env})
         url = f"http://127.0.0.1:{port}"
-        wait_until(lambda: _http_ok(f"{url}/health"), 60, f"web server on {port}", process)
+        wait_until(lambda: http_ok(f"{url}/health"), 60, f"web server on {port}", process)
         return url
 
     def batches(self) -> list[tuple[int, list[str]]]:
@@ -155,7 +155,7 @@ class Stack:
         return process
 
 
-def _http_ok(url: str) -> bool:
+def http_ok(url: str) -> bool:
     import urllib.request
 
     try:
