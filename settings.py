@@ -1,73 +1,124 @@
-"""Every setting of both tiers, each read once from the environment variable of the same name.
+"""Every setting of both tiers: one immutable Settings, read from the environment variables of the same names.
 
-The README's settings table explains each one and why its default is what it is.
+`Settings.from_env()` reads them (field `batch_size` from BATCH_SIZE, and so on); code is handed the
+object it needs and never reads the environment itself. The README's settings table explains each
+one and why its default is what it is.
 """
 
+from __future__ import annotations
+
+import dataclasses
 import os
+import pathlib
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+# Model names go into Redis keys and URLs: letters, digits, and . _ - after the first character.
+MODEL_NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 
 
-def _int(name: str, default: int, minimum: int = 0) -> int:
-    raw = os.environ.get(name, "")
-    if raw.strip() == "":
-        return default
+def _setting(default: object, minimum: float | None = None) -> dataclasses.Field:
+    return field(default=default, metadata={"minimum": minimum})
+
+
+@dataclass(frozen=True)
+class Settings:
+    # Where the queue lives; a password in the URL is used.
+    redis_url: str = "redis://localhost:6379/0"
+
+    # The model server's model: a zoo name (resnet50, mobilenet_v2, efficientnet_b0, digits) or a
+    # .keras/.h5 path, served as MODEL_NAME version MODEL_VERSION (the name defaults from MODEL).
+    model: str = "resnet50"
+    model_weights: str = "imagenet"
+    labels: str = ""
+    preprocess: str = ""
+    model_name: str = ""
+    model_version: int = _setting(1, minimum=1)
+    # The web tier's model for requests that name none; unset, the only one served.
+    default_model: str = ""
+
+    # Batching: see the README's tuning guide for how these defaults were measured.
+    batch_size: int = _setting(32, minimum=1)
+    batch_wait_ms: int = _setting(0, minimum=0)
+
+    request_timeout_s: float = _setting(30.0, minimum=0.001)
+    # A memory cap, not the admission rule: requests are refused by their predicted wait first.
+    queue_limit: int = _setting(10_000, minimum=1)
+    top_k: int = _setting(5, minimum=1)
+    max_upload_mb: float = _setting(16.0, minimum=0.001)
+
+    port: int = _setting(5000, minimum=1)
+    web_workers: int = _setting(2, minimum=1)
+
+    # Comma-separated bearer keys; empty means the API is open.
+    api_keys: frozenset[str] = frozenset()
+
+    # A model server beats every HEARTBEAT_S; one silent for HEARTBEAT_TTL_S is dead and its jobs are
+    # requeued by the live ones. The TTL spans several beats so one slow beat does not kill a server.
+    heartbeat_s: float = _setting(1.0, minimum=0.001)
+    heartbeat_ttl_s: float = _setting(5.0, minimum=0.001)
+    # With no model server alive for this long, requests are refused with 503 instead of queued.
+    no_server_grace_s: float = _setting(15.0, minimum=0.001)
+    # An answer nobody picked up (its web worker died) is gone from Redis after this.
+    result_ttl_s: float = _setting(60.0, minimum=1)
+
+    log_level: str = "INFO"
+    log_format: str = "text"
+
+    def __post_init__(self) -> None:
+        if not self.model_name:  # frozen: the derived default is set the one way a dataclass allows
+            object.__setattr__(self, "model_name", default_model_name(self.model))
+        object.__setattr__(self, "log_level", self.log_level.upper())
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] = os.environ) -> Settings:
+        """Each field from the variable of its name in capitals; unset or blank keeps the default."""
+        values = {}
+        for f in dataclasses.fields(cls):
+            raw = environ.get(f.name.upper(), "").strip()
+            if raw:
+                values[f.name] = _parse(f, raw)
+        settings = cls(**values)
+        settings.check()
+        return settings
+
+    def check(self) -> None:
+        """SystemExit with the setting's name when a value cannot work."""
+        for f in dataclasses.fields(self):
+            minimum = f.metadata.get("minimum")
+            if minimum is not None and getattr(self, f.name) < minimum:
+                raise SystemExit(f"setting {f.name.upper()}={getattr(self, f.name)} must be at least {minimum:g}")
+        if not MODEL_NAME_PATTERN.fullmatch(self.model_name):
+            raise SystemExit(
+                f"setting MODEL_NAME={self.model_name!r}: use up to 64 letters, digits, '.', '_' or '-', "
+                "starting with a letter or digit"
+            )
+        if self.log_format not in ("text", "json"):
+            raise SystemExit(f"setting LOG_FORMAT={self.log_format!r} must be text or json")
+
+    def replace(self, **changes: object) -> Settings:
+        """A copy with some settings changed (tests and benchmarks build variants this way)."""
+        return dataclasses.replace(self, **changes)
+
+    @property
+    def max_upload_bytes(self) -> int:
+        return int(self.max_upload_mb * 1024 * 1024)
+
+
+def default_model_name(model: str) -> str:
+    """A zoo name as it is; a model file by its name without the extension."""
+    return pathlib.Path(model).stem if model.endswith((".keras", ".h5")) else model
+
+
+def _parse(f: dataclasses.Field, raw: str) -> object:
+    name = f.name.upper()
+    if f.type == "frozenset[str]":
+        return frozenset(part.strip() for part in raw.split(",") if part.strip())
+    if f.type == "str":
+        return raw
+    kind = int if f.type == "int" else float
     try:
-        value = int(raw)
+        return kind(raw)
     except ValueError:
-        raise SystemExit(f"setting {name}={raw!r} must be a whole number") from None
-    if value < minimum:
-        raise SystemExit(f"setting {name}={value} must be at least {minimum}")
-    return value
-
-
-def _float(name: str, default: float) -> float:
-    raw = os.environ.get(name, "")
-    if raw.strip() == "":
-        return default
-    try:
-        value = float(raw)
-    except ValueError:
-        raise SystemExit(f"setting {name}={raw!r} must be a number") from None
-    if value <= 0:
-        raise SystemExit(f"setting {name}={value} must be above 0")
-    return value
-
-
-def _str(name: str, default: str) -> str:
-    return os.environ.get(name, "").strip() or default
-
-
-# Where the queue lives; a password in the URL is used.
-REDIS_URL = _str("REDIS_URL", "redis://localhost:6379/0")
-
-# The model: a zoo name (resnet50, mobilenet_v2, efficientnet_b0, digits) or a .keras/.h5 path.
-MODEL = _str("MODEL", "resnet50")
-MODEL_WEIGHTS = _str("MODEL_WEIGHTS", "imagenet")
-LABELS = _str("LABELS", "")
-PREPROCESS = _str("PREPROCESS", "")
-
-# Batching: see the README's tuning guide for how these defaults were measured.
-BATCH_SIZE = _int("BATCH_SIZE", 32, minimum=1)
-BATCH_WAIT_MS = _int("BATCH_WAIT_MS", 0)
-
-REQUEST_TIMEOUT_S = _float("REQUEST_TIMEOUT_S", 30.0)
-QUEUE_LIMIT = _int("QUEUE_LIMIT", 256, minimum=1)
-TOP_K = _int("TOP_K", 5, minimum=1)
-MAX_UPLOAD_MB = _float("MAX_UPLOAD_MB", 16.0)
-
-PORT = _int("PORT", 5000, minimum=1)
-WEB_WORKERS = _int("WEB_WORKERS", 2, minimum=1)
-
-# Comma-separated bearer keys; empty means the API is open.
-API_KEYS = frozenset(key.strip() for key in os.environ.get("API_KEYS", "").split(",") if key.strip())
-
-# A model server beats every HEARTBEAT_S; one silent for HEARTBEAT_TTL_S is dead and its batch is
-# requeued by the live ones. The TTL spans several beats so one slow beat does not kill a server.
-HEARTBEAT_S = _float("HEARTBEAT_S", 1.0)
-HEARTBEAT_TTL_S = _float("HEARTBEAT_TTL_S", 5.0)
-# With no model server alive for this long, requests are refused with 503 instead of queued.
-NO_SERVER_GRACE_S = _float("NO_SERVER_GRACE_S", 15.0)
-# An answer nobody picked up (its client gave up) is gone from Redis after this.
-RESULT_TTL_S = _float("RESULT_TTL_S", 60.0)
-
-LOG_LEVEL = _str("LOG_LEVEL", "INFO").upper()
-LOG_FORMAT = _str("LOG_FORMAT", "text")
+        raise SystemExit(f"setting {name}={raw!r} must be {'a whole number' if kind is int else 'a number'}") from None

@@ -13,7 +13,7 @@ import numpy as np
 from PIL import Image
 
 from serving import zoo
-from serving.launch import REPO, Stack
+from scripts.processes import REPO, Stack
 
 WORK = REPO / "bench" / "work"  # generated model files and images (git-ignored)
 RESULTS = REPO / "bench" / "results"

@@ -18,7 +18,7 @@ import sys
 import time
 
 from bench.common import RESULTS, ModelSpec, load_curve, model_spec, our_stack
-from serving.launch import REPO, free_port, http_ok, start_python, stop, wait_until
+from scripts.processes import REPO, free_port, http_ok, start_python, stop, wait_until
 
 CONCURRENCY = (1, 8, 32, 64)
 CEILING_BATCHES = (1, 8, 16, 32, 64)

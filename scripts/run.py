@@ -14,8 +14,8 @@ from urllib.parse import urlparse
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
 
-import settings  # noqa: E402  (needs the repo on the path)
-from serving import launch  # noqa: E402
+from scripts import processes  # noqa: E402  (needs the repo on the path)
+from settings import Settings  # noqa: E402
 
 
 def local_redis(url: str) -> subprocess.Popen:
@@ -24,15 +24,16 @@ def local_redis(url: str) -> subprocess.Popen:
         sys.exit(f"No Redis answers at {url}: start it there, or unset REDIS_URL to run one here.")
     print(f"no Redis answers at {url}: starting redis-server", flush=True)
     try:
-        return launch.start_redis(parts.port or 6379, parts.password)
+        return processes.start_redis(parts.port or 6379, parts.password)
     except FileNotFoundError as exc:
         sys.exit(f"No Redis answers at {url}, and {exc}")
 
 
 def main() -> int:
-    children = [] if launch.redis_answers(settings.REDIS_URL) else [local_redis(settings.REDIS_URL)]
-    children += [launch.start_python("model_server.py", {}), launch.start_python("web_server.py", {})]
-    print(f"serving {settings.MODEL} on http://localhost:{settings.PORT}; Ctrl-C stops", flush=True)
+    settings = Settings.from_env()
+    children = [] if processes.redis_answers(settings.redis_url) else [local_redis(settings.redis_url)]
+    children += [processes.start_python("model_server.py", {}), processes.start_python("web_server.py", {})]
+    print(f"serving {settings.model} on http://localhost:{settings.port}; Ctrl-C stops", flush=True)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     try:
         while all(child.poll() is None for child in children):
@@ -43,7 +44,7 @@ def main() -> int:
     finally:
         # The web tier first (it drains through the model server), then the model server, Redis last.
         for child in reversed(children):
-            launch.stop(child)
+            processes.stop(child)
 
 
 if __name__ == "__main__":

@@ -4,34 +4,35 @@ import os
 import shutil
 import tempfile
 
-import settings
+from settings import Settings
 
+settings = Settings.from_env()
 # Each worker writes its metrics to files here and /metrics sums them, whichever worker answers.
 # Set before any worker imports prometheus_client; a fresh directory per start, so no stale figures.
 METRICS_DIR = os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="serving-metrics-")
 
-bind = f"0.0.0.0:{settings.PORT}"
-workers = settings.WEB_WORKERS
+bind = f"0.0.0.0:{settings.port}"
+workers = settings.web_workers
 # Each request spends nearly all its time waiting on Redis for its answer: gevent lets one
 # worker hold a thousand of those at once for the cost of a greenlet each.
 worker_class = "gevent"
 worker_connections = 1000
 # On SIGTERM a worker stops accepting and gets this long to finish the requests it holds,
 # which by then wait at most REQUEST_TIMEOUT_S for their answer.
-graceful_timeout = int(settings.REQUEST_TIMEOUT_S) + 5
-timeout = int(settings.REQUEST_TIMEOUT_S) + 30
+graceful_timeout = int(settings.request_timeout_s) + 5
+timeout = int(settings.request_timeout_s) + 30
 keepalive = 30  # load balancers and stress_test.py reuse connections
 accesslog = None  # the app logs one line per request itself, with its request id
-loglevel = settings.LOG_LEVEL.lower()
-if settings.LOG_FORMAT == "json":  # gunicorn's own lines (start, workers, signals) as JSON too
+loglevel = settings.log_level.lower()
+if settings.log_format == "json":  # gunicorn's own lines (start, workers, signals) as JSON too
     logconfig_dict = {
         "version": 1,
         "formatters": {"json": {"()": "serving.logs.JsonFormatter"}},
         "handlers": {"json": {"class": "logging.StreamHandler", "formatter": "json", "stream": "ext://sys.stderr"}},
-        "loggers": {"gunicorn.error": {"handlers": ["json"], "level": settings.LOG_LEVEL, "propagate": False}},
+        "loggers": {"gunicorn.error": {"handlers": ["json"], "level": settings.log_level, "propagate": False}},
         # gunicorn merges these keys over its defaults one level deep: its root logger would
         # name a handler that "handlers" above replaced.
-        "root": {"handlers": ["json"], "level": settings.LOG_LEVEL},
+        "root": {"handlers": ["json"], "level": settings.log_level},
     }
 # gunicorn's control socket sits at one fixed path per user, so a second server on the same
 # host would take it over; we manage workers with signals instead.

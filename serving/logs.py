@@ -7,7 +7,7 @@ import logging
 import os
 import sys
 
-import settings
+from settings import Settings
 
 
 class JsonFormatter(logging.Formatter):
@@ -34,15 +34,15 @@ class _TextFormatter(logging.Formatter):
         return super().format(record) + extra
 
 
-def setup(name: str) -> None:
-    """Log to stderr at LOG_LEVEL in LOG_FORMAT; `name` tags the lines of this process."""
+def setup(name: str, settings: Settings) -> None:
+    """Log this process to stderr at LOG_LEVEL in LOG_FORMAT; `name` tags its lines."""
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(JsonFormatter() if settings.LOG_FORMAT == "json" else _TextFormatter())
-    logging.basicConfig(level=settings.LOG_LEVEL, handlers=[handler], force=True)
+    handler.setFormatter(JsonFormatter() if settings.log_format == "json" else _TextFormatter())
+    logging.basicConfig(level=settings.log_level, handlers=[handler], force=True)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow's C++ start-up chatter
-    logging.getLogger(name).debug("logging as %s", settings.LOG_FORMAT)
+    logging.getLogger(name).debug("logging as %s", settings.log_format)
 
 
-def event(logger: logging.Logger, message: str, **fields: object) -> None:
+def event(logger: logging.Logger, message: str, level: int = logging.INFO, **fields: object) -> None:
     """Log one event with named fields (request_id=..., status=...) kept as fields in JSON."""
-    logger.info(message, extra={"fields": fields})
+    logger.log(level, message, extra={"fields": fields})

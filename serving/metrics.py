@@ -2,8 +2,9 @@
 
 Web-tier figures are prometheus_client metrics, summed across gunicorn's worker processes by its
 multiprocess mode (gunicorn_conf.py sets PROMETHEUS_MULTIPROC_DIR). The model servers have no
-port of their own: each adds its batch figures to one Redis hash, and /metrics reads that hash,
-the queue depth and the live servers at scrape time. One scrape sees the whole system.
+port of their own: each adds its batch figures to its model's Redis hash, and /metrics reads those
+hashes, the queue depths and the live servers at scrape time, labelled by model and version. One
+scrape sees the whole system.
 """
 
 from __future__ import annotations
@@ -15,7 +16,8 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, generate_la
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
 
-from serving import queue, wire
+from serving import queue, registry, wire
+from serving.clock import RedisClock
 
 # `route` is the matched URL rule, never the raw path, so random URLs cannot grow the label set.
 REQUESTS = Counter("serving_requests_total", "HTTP requests answered, by route and status", ["route", "status"])
@@ -32,53 +34,73 @@ _HISTOGRAMS = {
     "batch_size": ("serving_batch_size", "Images per predict call", BATCH_SIZE_BUCKETS),
     "model_seconds": ("serving_model_seconds", "Time of one batched predict call", MODEL_SECONDS_BUCKETS),
 }
-_COUNTERS = {
+# The model servers' counters; record_batch takes each by its key.
+COUNTERS = {
     "images": "Images the model servers classified",
     "expired": "Images skipped because their client had stopped waiting",
     "malformed": "Queue messages dropped as malformed",
+    "model_changed": "Images refused because they were prepared for another input shape of the model",
 }
 
 
-def record_batch(r: redis.Redis, size: int, seconds: float, expired: int, malformed: int) -> None:
-    """Add one batch's figures to the shared hash (called by the model server)."""
+def record_batch(r: redis.Redis, keys: wire.ModelKeys, size: int, seconds: float, **counts: int) -> None:
+    """Add one batch's figures to its model's hash (called by the model server); counts are COUNTERS."""
     pipe = r.pipeline(transaction=False)
     if size:  # a batch of only expired or malformed jobs ran no predict
-        _observe(pipe, "batch_size", size)
-        _observe(pipe, "model_seconds", seconds)
-    for name, value in (("images", size), ("expired", expired), ("malformed", malformed)):
+        _observe(pipe, keys, "batch_size", size)
+        _observe(pipe, keys, "model_seconds", seconds)
+    for name, value in {"images": size, **counts}.items():
+        if name not in COUNTERS:
+            raise ValueError(f"no counter {name!r}")
         if value:
-            pipe.hincrby(wire.STATS, name, value)
+            pipe.hincrby(keys.stats, name, value)
     pipe.execute()
 
 
-def _observe(pipe: redis.client.Pipeline, name: str, value: float) -> None:
+def _observe(pipe: redis.client.Pipeline, keys: wire.ModelKeys, name: str, value: float) -> None:
     for le in (*_HISTOGRAMS[name][2], "+Inf"):
         if le == "+Inf" or value <= le:
-            pipe.hincrby(wire.STATS, f"{name}:{le}", 1)
-    pipe.hincrbyfloat(wire.STATS, f"{name}:sum", value)
+            pipe.hincrby(keys.stats, f"{name}:{le}", 1)
+    pipe.hincrbyfloat(keys.stats, f"{name}:sum", value)
+
+
+_LABELS = ["model", "version"]
 
 
 class _SharedFigures(Collector):
-    """Reads the model servers' figures and the queue from Redis on every scrape."""
+    """Reads every model's figures, queue and servers from Redis on every scrape."""
 
-    def __init__(self, r: redis.Redis) -> None:
+    def __init__(self, r: redis.Redis, clock: RedisClock) -> None:
         self.r = r
+        self.clock = clock
 
     def collect(self):  # noqa: ANN201 (prometheus_client's interface)
         try:
-            stats = {k.decode(): float(v) for k, v in self.r.hgetall(wire.STATS).items()}
-            depth, live = queue.queue_depth(self.r), queue.live_servers(self.r)
+            models = {keys: self._read(keys) for keys in registry.known_models(self.r, self.clock.now())}
         except redis.RedisError:
             yield GaugeMetricFamily("serving_redis_up", "Whether Redis answered this scrape", value=0)
             return
         yield GaugeMetricFamily("serving_redis_up", "Whether Redis answered this scrape", value=1)
-        yield GaugeMetricFamily("serving_queue_depth", "Images waiting in the queue", value=depth)
-        yield GaugeMetricFamily("serving_model_servers", "Model servers with a live heartbeat", value=live)
-        for key, (name, doc, bounds) in _HISTOGRAMS.items():
-            buckets = [(str(le), stats.get(f"{key}:{le}", 0.0)) for le in (*bounds, "+Inf")]
-            yield HistogramMetricFamily(name, doc, buckets=buckets, sum_value=stats.get(f"{key}:sum", 0.0))
-        for key, doc in _COUNTERS.items():
-            yield CounterMetricFamily(f"serving_{key}", doc, value=stats.get(key, 0.0))
+        depth = GaugeMetricFamily("serving_queue_depth", "Images waiting in the queue", labels=_LABELS)
+        live = GaugeMetricFamily("serving_model_servers", "Model servers with a live heartbeat", labels=_LABELS)
+        families = {
+            key: HistogramMetricFamily(name, doc, labels=_LABELS) for key, (name, doc, _) in _HISTOGRAMS.items()
+        }
+        counters = {key: CounterMetricFamily(f"serving_{key}", doc, labels=_LABELS) for key, doc in COUNTERS.items()}
+        for keys, (stats, queued, servers) in models.items():
+            labels = [keys.name, str(keys.version)]
+            depth.add_metric(labels, queued)
+            live.add_metric(labels, servers)
+            for key, (_, _, bounds) in _HISTOGRAMS.items():
+                buckets = [(str(le), stats.get(f"{key}:{le}", 0.0)) for le in (*bounds, "+Inf")]
+                families[key].add_metric(labels, buckets, sum_value=stats.get(f"{key}:sum", 0.0))
+            for key in COUNTERS:
+                counters[key].add_metric(labels, stats.get(key, 0.0))
+        yield from (depth, live, *families.values(), *counters.values())
+
+    def _read(self, keys: wire.ModelKeys) -> tuple[dict[str, float], int, int]:
+        stats = {k.decode(): float(v) for k, v in self.r.hgetall(keys.stats).items()}
+        return stats, queue.depth(self.r, keys), registry.state(self.r, keys).live_servers
 
 
 def observe_request(route: str, status: int, seconds: float) -> None:
@@ -87,13 +109,13 @@ def observe_request(route: str, status: int, seconds: float) -> None:
         LATENCY.labels(status=str(status)).observe(seconds)
 
 
-def render(r: redis.Redis) -> bytes:
+def render(r: redis.Redis, clock: RedisClock) -> bytes:
     """The whole text exposition: this tier's metrics from every worker, plus the shared figures."""
-    registry = CollectorRegistry()
+    collected = CollectorRegistry()
     if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
-        multiprocess.MultiProcessCollector(registry)
+        multiprocess.MultiProcessCollector(collected)
     else:  # a plain WSGI server in one process
-        registry.register(REQUESTS)
-        registry.register(LATENCY)
-    registry.register(_SharedFigures(r))
-    return generate_latest(registry)
+        collected.register(REQUESTS)
+        collected.register(LATENCY)
+    collected.register(_SharedFigures(r, clock))
+    return generate_latest(collected)

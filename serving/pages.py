@@ -10,6 +10,8 @@ import pathlib
 
 from flask import Blueprint, Response, send_from_directory
 
+from serving.webtier import public
+
 STATIC = pathlib.Path(__file__).resolve().parent / "static"
 OPENAPI_PATH = STATIC / "openapi.json"
 
@@ -17,6 +19,7 @@ pages = Blueprint("pages", __name__)
 
 
 @pages.get("/")
+@public
 def index() -> Response:
     """The page where a person drops an image and sees the top-k labels."""
     response = send_from_directory(STATIC, "index.html", mimetype="text/html")
@@ -26,6 +29,7 @@ def index() -> Response:
 
 
 @pages.get("/openapi.json")
+@public
 def openapi() -> Response:
     """The OpenAPI 3 description of the HTTP API (the contract's "HTTP API" section, machine-readable)."""
     response = send_from_directory(STATIC, OPENAPI_PATH.name, mimetype="application/json")

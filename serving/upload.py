@@ -4,30 +4,32 @@ from __future__ import annotations
 
 import base64
 import binascii
+from dataclasses import dataclass
 
 from flask import Request
 from werkzeug.exceptions import RequestEntityTooLarge
 from werkzeug.wsgi import LimitedStream
 
+from serving.errors import ApiError
+
 _HOW = (
     "send the image as multipart form field 'image' (curl -F image=@photo.jpg ...) "
     'or as JSON {"image": "<base64 of the image file>"}'
 )
-# More digits than any class count; int() on thousands of digits raises (Python's DoS limit).
-_MAX_TOP_K_DIGITS = 9
+# More digits than any class count or version; int() on thousands of digits raises (Python's DoS limit).
+_MAX_DIGITS = 9
+# What a request may set besides the image, each as a JSON key, a form field or in the query string.
+OPTIONS = ("top_k", "model", "version", "timeout_ms")
 
 
-class ApiError(Exception):
-    """An error answered as the contract's JSON: {"success": false, "error": {code, message}}."""
-
-    def __init__(self, status: int, code: str, message: str, headers: dict | None = None) -> None:
-        super().__init__(message)
-        self.status, self.code, self.message = status, code, message
-        self.headers = headers or {}
+@dataclass(frozen=True)
+class Upload:
+    image: bytes
+    options: dict[str, object]  # the OPTIONS the request gave, as given (JSON values or strings)
 
 
-def read_image(request: Request) -> tuple[bytes, object]:
-    """The uploaded file's bytes and the raw top_k (None when not given)."""
+def read_image(request: Request) -> Upload:
+    """The uploaded file's bytes and the options given with it."""
     if request.is_json:
         return _from_json(request)
     upload = request.files.get("image")
@@ -36,7 +38,15 @@ def read_image(request: Request) -> tuple[bytes, object]:
     data = upload.read()
     if not data:  # also what a browser form sends when no file was chosen
         raise ApiError(400, "missing_image", f"the file in field 'image' is empty; {_HOW}")
-    return data, request.form.get("top_k", request.args.get("top_k"))
+    return Upload(data, _options(request.form, request.args))
+
+
+def _options(*sources: object) -> dict[str, object]:
+    """Each option from the first source that has it (the body before the query string)."""
+    found: dict[str, object] = {}
+    for source in reversed(sources):
+        found.update({name: source[name] for name in OPTIONS if name in source and source[name] is not None})
+    return found
 
 
 def _what_came(request: Request) -> str:
@@ -49,7 +59,7 @@ def _what_came(request: Request) -> str:
     return f"received a {request.mimetype or 'untyped'} body with no form fields"
 
 
-def _from_json(request: Request) -> tuple[bytes, object]:
+def _from_json(request: Request) -> Upload:
     request.get_data()  # read and cache the body, so a cut-off one is caught before parsing
     _refuse_cut_off_body(request)
     try:
@@ -65,7 +75,7 @@ def _from_json(request: Request) -> tuple[bytes, object]:
         )
     if not isinstance(encoded, str):
         raise ApiError(400, "bad_request", '"image" must be a string holding the base64 of the image file')
-    return _b64decode(encoded), body.get("top_k", request.args.get("top_k"))
+    return Upload(_b64decode(encoded), _options(body, request.args))
 
 
 def _refuse_cut_off_body(request: Request) -> None:
@@ -99,15 +109,35 @@ def parse_top_k(raw: object, default: int, num_classes: int) -> int:
     """top_k as given (query, form or JSON), or the default, within 1..num_classes."""
     if raw is None or raw == "":
         return min(default, num_classes)
-    wrong = ApiError(400, "bad_request", f"top_k must be a whole number from 1 to {num_classes}, not {raw!r:.40}")
+    return whole_number(raw, "top_k", 1, num_classes)
+
+
+def parse_version(raw: object) -> int | None:
+    """The model version asked for; None for "the highest with a live model server"."""
+    if raw is None or raw == "":
+        return None
+    return whole_number(raw, "version", 1, 10**_MAX_DIGITS - 1)
+
+
+def parse_model(raw: object) -> str | None:
+    if raw is None or raw == "":
+        return None
+    if not isinstance(raw, str):
+        raise ApiError(400, "bad_request", f"model must be a model's name, not {raw!r:.40}")
+    return raw.strip()
+
+
+def whole_number(raw: object, name: str, low: int, high: int) -> int:
+    """A JSON integer or a string of ASCII digits from low to high, or a 400 naming the option."""
+    wrong = ApiError(400, "bad_request", f"{name} must be a whole number from {low} to {high}, not {raw!r:.40}")
     if isinstance(raw, int) and not isinstance(raw, bool):  # JSON true is an int to Python
         value = raw
     elif isinstance(raw, str) and raw.strip().isascii() and raw.strip().isdigit():  # not "²" or "٣"
-        if len(raw.strip()) > _MAX_TOP_K_DIGITS:
+        if len(raw.strip()) > _MAX_DIGITS:
             raise wrong
         value = int(raw)
     else:
         raise wrong
-    if not 1 <= value <= num_classes:
+    if not low <= value <= high:
         raise wrong
     return value

@@ -1,7 +1,9 @@
-"""The wire format between the web tier and the model servers: Redis key names and message layout.
+"""The wire format between the web tier and the model servers: Redis key names and every message.
 
-Everything that crosses Redis is JSON with base64 for pixels, never pickle, so a hostile or
-corrupt message can at worst be rejected, not executed.
+Everything that crosses Redis is JSON with base64 for binary data, never pickle, so a hostile or
+corrupt entry can at worst be rejected, not executed. Every key of one model version carries the
+hash tag {name:version}: a script or transaction touches one model's keys only, so they all sit
+in one Redis Cluster slot.
 """
 
 from __future__ import annotations
@@ -13,55 +15,138 @@ from dataclasses import dataclass
 
 import numpy as np
 
-_PREFIX = "serving"
-QUEUE = f"{_PREFIX}:queue"  # list of jobs: LPUSH by the web tier, popped from the right
-MODEL_INFO = f"{_PREFIX}:model"  # JSON ModelInfo, published by each model server at start
-SERVERS = f"{_PREFIX}:servers"  # set of model server ids that may hold in-flight jobs
-ALIVE = f"{_PREFIX}:alive"  # exists while some model server beat within NO_SERVER_GRACE_S
-STATS = f"{_PREFIX}:stats"  # hash of model-server counters, read by the web tier's /metrics
-
-
-def result_key(request_id: str) -> str:
-    return f"{_PREFIX}:result:{request_id}"
-
-
-def inflight_key(server_id: str) -> str:
-    return f"{_PREFIX}:inflight:{server_id}"
-
-
-def heartbeat_key(server_id: str) -> str:
-    return f"{_PREFIX}:heartbeat:{server_id}"
+PREFIX = "serving"
+# Sorted set of "name:version" -> Redis time (s) of the last heartbeat of any of its model servers.
+MODELS = f"{PREFIX}:models"
 
 
 class MalformedMessage(ValueError):
-    """A message on the queue that no model server can use."""
+    """An entry in Redis that does not hold what its key promises."""
+
+
+@dataclass(frozen=True, order=True)
+class ModelKeys:
+    """The Redis keys of one model version."""
+
+    name: str
+    version: int
+
+    @property
+    def member(self) -> str:
+        """How MODELS names this version."""
+        return f"{self.name}:{self.version}"
+
+    @classmethod
+    def from_member(cls, member: str | bytes) -> ModelKeys:
+        text = member.decode() if isinstance(member, bytes) else member
+        name, _, version = text.rpartition(":")
+        if not name or not version.isdigit():
+            raise MalformedMessage(f"model registry entry {text!r}")
+        return cls(name, int(version))
+
+    def _key(self, *parts: str) -> str:
+        return ":".join((PREFIX, f"{{{self.member}}}", *parts))
+
+    @property
+    def queue(self) -> str:
+        """List of jobs: pushed on the left by the web tier, taken from the right."""
+        return self._key("queue")
+
+    @property
+    def info(self) -> str:
+        """JSON ModelInfo, published by every model server of this version."""
+        return self._key("info")
+
+    @property
+    def servers(self) -> str:
+        """Set of the ids of model servers that may hold jobs of this version."""
+        return self._key("servers")
+
+    @property
+    def alive(self) -> str:
+        """Exists while some model server of this version beat within NO_SERVER_GRACE_S."""
+        return self._key("alive")
+
+    @property
+    def stats(self) -> str:
+        """Hash of the model servers' counters and histograms, read by /metrics."""
+        return self._key("stats")
+
+    @property
+    def speeds(self) -> str:
+        """Hash of server id -> JSON Speed, published by each model server every heartbeat."""
+        return self._key("speeds")
+
+    def heartbeat(self, server_id: str) -> str:
+        return self._key("heartbeat", server_id)
+
+    def inflight(self, server_id: str, slot: int) -> str:
+        """The jobs a model server has taken for one of its batches and not answered yet."""
+        return self._key("inflight", server_id, str(slot))
+
+    def inbox(self, worker_id: str) -> str:
+        """List of answers for the requests of one web worker."""
+        return self._key("inbox", worker_id)
 
 
 @dataclass(frozen=True)
 class ModelInfo:
-    """What the web tier must know to prepare images: published by the model server."""
+    """What the web tier must know to prepare images and read answers: published by the model server."""
 
     name: str
+    version: int
     height: int
     width: int
     channels: int
-    num_classes: int
+    labels: tuple[str, ...]
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return (self.height, self.width, self.channels)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.labels)
 
     def encode(self) -> str:
-        return json.dumps(self.__dict__)
+        return json.dumps({**self.__dict__, "labels": list(self.labels)})
 
     @classmethod
     def decode(cls, raw: str | bytes) -> ModelInfo:
         """Raises MalformedMessage unless raw is a complete ModelInfo; extra keys are ignored."""
         try:
             msg = json.loads(raw)
-            return cls(str(msg["name"]), *(int(msg[k]) for k in ("height", "width", "channels", "num_classes")))
+            sizes = (int(msg[k]) for k in ("version", "height", "width", "channels"))
+            labels = tuple(str(label) for label in msg["labels"])
+            info = cls(str(msg["name"]), *sizes, labels=labels)
         except (ValueError, KeyError, TypeError) as exc:
             raise MalformedMessage(f"model info: {type(exc).__name__}: {exc}") from None
+        if min(info.shape) < 1 or not labels:
+            raise MalformedMessage(f"model info: shape {info.shape} with {len(labels)} labels")
+        return info
 
-    @property
-    def shape(self) -> tuple[int, int, int]:
-        return (self.height, self.width, self.channels)
+
+@dataclass(frozen=True)
+class Speed:
+    """How fast one model server is, as it measured itself: what the web tier's admission reads."""
+
+    batch_size: int  # the most images it puts into one predict
+    batch_seconds: dict[int, float]  # images in a batch -> moving estimate of one batch's time
+
+    def encode(self) -> str:
+        return json.dumps({"batch_size": self.batch_size, "batch_seconds": self.batch_seconds})
+
+    @classmethod
+    def decode(cls, raw: str | bytes) -> Speed:
+        try:
+            msg = json.loads(raw)
+            seconds = {int(size): float(s) for size, s in msg["batch_seconds"].items()}
+            speed = cls(int(msg["batch_size"]), seconds)
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+            raise MalformedMessage(f"speed: {type(exc).__name__}: {exc}") from None
+        if speed.batch_size < 1 or any(size < 1 or s <= 0 for size, s in seconds.items()):
+            raise MalformedMessage(f"speed: {msg!r:.200}")
+        return speed
 
 
 @dataclass(frozen=True)
@@ -69,14 +154,16 @@ class Job:
     """One image to classify: uint8 pixels already resized to the model's input shape."""
 
     request_id: str
+    reply_to: str  # the id of the web worker whose inbox gets the answer
     pixels: np.ndarray
-    deadline: float  # Unix time after which nobody waits for the answer
-    top_k: int
+    deadline: float  # Redis' clock (serving.clock), after which nobody waits for the answer
+    top_k: int | None  # None: the probability of every class, in class order
 
     def encode(self) -> str:
         return json.dumps(
             {
                 "id": self.request_id,
+                "reply_to": self.reply_to,
                 "shape": list(self.pixels.shape),
                 "dtype": "uint8",
                 "data": base64.b64encode(np.ascontiguousarray(self.pixels, np.uint8)).decode(),
@@ -95,30 +182,57 @@ class Job:
                 raise MalformedMessage(f"bad dtype/shape {msg['dtype']!r} {shape}")
             data = base64.b64decode(msg["data"], validate=True)
             pixels = np.frombuffer(data, np.uint8).reshape(shape)
-            return cls(str(msg["id"]), pixels, float(msg["deadline"]), int(msg["top_k"]))
+            top_k = None if msg["top_k"] is None else int(msg["top_k"])
+            return cls(str(msg["id"]), str(msg["reply_to"]), pixels, float(msg["deadline"]), top_k)
         except MalformedMessage:
             raise
         except (ValueError, KeyError, TypeError, binascii.Error) as exc:
             raise MalformedMessage(f"{type(exc).__name__}: {exc}") from None
 
 
-Prediction = dict  # {"label": str, "probability": float}
-
-
-def encode_result(predictions: list[Prediction]) -> str:
-    return json.dumps({"predictions": predictions})
-
-
-def encode_failure(message: str) -> str:
-    return json.dumps({"error": message})
-
-
-def decode_result(raw: str | bytes) -> dict:
-    """Either {"predictions": [...]} or {"error": "..."}; anything else reads as an error."""
+def reply_address(raw: str | bytes) -> tuple[str, str] | None:
+    """(request id, reply_to) of a message that may be malformed otherwise; None if it has neither."""
     try:
         msg = json.loads(raw)
-    except ValueError:
-        msg = None
-    if isinstance(msg, dict) and (isinstance(msg.get("predictions"), list) or "error" in msg):
-        return msg
-    return {"error": "the model server's answer could not be read"}
+        return str(msg["id"]), str(msg["reply_to"])
+    except (ValueError, KeyError, TypeError):
+        return None
+
+
+@dataclass(frozen=True)
+class Result:
+    """The model tier's answer to one job: its top classes, every probability, or why it failed."""
+
+    request_id: str
+    top: tuple[tuple[int, float], ...] = ()  # (class index, probability), most probable first
+    probabilities: np.ndarray | None = None  # float32, every class in class order
+    error_code: str = ""  # "late", "model_changed", "malformed" or "model_error"
+    error: str = ""
+
+    def encode(self) -> str:
+        msg: dict[str, object] = {"id": self.request_id}
+        if self.error_code:
+            msg["error"] = {"code": self.error_code, "message": self.error}
+        elif self.probabilities is not None:
+            msg["probabilities"] = base64.b64encode(np.ascontiguousarray(self.probabilities, "<f4")).decode()
+        else:
+            msg["top"] = [[index, probability] for index, probability in self.top]
+        return json.dumps(msg)
+
+    @classmethod
+    def decode(cls, raw: str | bytes) -> Result:
+        """Raises MalformedMessage unless raw names its request; an unreadable body reads as an error."""
+        try:
+            msg = json.loads(raw)
+            request_id = str(msg["id"])
+        except (ValueError, KeyError, TypeError):
+            raise MalformedMessage("an answer without a request id") from None
+        try:
+            if "error" in msg:
+                return cls(request_id, error_code=str(msg["error"]["code"]), error=str(msg["error"]["message"]))
+            if "probabilities" in msg:
+                data = base64.b64decode(msg["probabilities"], validate=True)
+                return cls(request_id, probabilities=np.frombuffer(data, "<f4"))
+            return cls(request_id, top=tuple((int(i), float(p)) for i, p in msg["top"]))
+        except (ValueError, KeyError, TypeError, binascii.Error) as exc:
+            return cls(request_id, error_code="model_error", error=f"unreadable answer: {type(exc).__name__}")

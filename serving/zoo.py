@@ -10,6 +10,7 @@ import os
 import pathlib
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
 
@@ -44,36 +45,47 @@ APPLICATIONS = {
 }
 
 
-@dataclass
-class Servable:
-    """A loaded model ready to classify uint8 image batches."""
+class Servable(Protocol):
+    """What a model server serves: a model's published info and its batched predict."""
 
     info: ModelInfo
-    labels: list[str]
+
+    def predict(self, batch: np.ndarray) -> np.ndarray:
+        """Class probabilities, shape (len(batch), num_classes), for a uint8 batch of info.shape images."""
+        ...
+
+
+@dataclass
+class KerasServable:
+    """A loaded Keras model ready to classify uint8 image batches."""
+
+    info: ModelInfo
     model: object  # keras.Model
     preprocess: Callable[[np.ndarray], np.ndarray]
 
     def predict(self, batch: np.ndarray) -> np.ndarray:
-        """Class probabilities, shape (len(batch), num_classes), for a uint8 batch."""
         x = self.preprocess(batch.astype(np.float32))
         out = np.asarray(self.model.predict_on_batch(x), np.float64)
         return _as_probabilities(out)
 
 
-def load(name: str, weights: str = "imagenet", labels: str = "", preprocess: str = "") -> Servable:
-    """Load a zoo model by name, or a .keras/.h5 file by path."""
-    if name in APPLICATIONS:
-        model, mode, names = _load_application(name, weights), APPLICATIONS[name].preprocess, _imagenet_labels()
-    elif name == "digits":
-        model, mode, names = _load_file(DIGITS), "none", [str(d) for d in range(10)]
-    elif name.endswith((".keras", ".h5")):
-        model = _load_file(pathlib.Path(name))
-        mode, names = preprocess or "none", _file_labels(labels, model.output_shape[-1])
+def load(
+    model: str, weights: str = "imagenet", labels: str = "", preprocess: str = "", name: str = "", version: int = 1
+) -> KerasServable:
+    """Load a zoo model by name, or a .keras/.h5 file by path, to serve as `name` (default: model) `version`."""
+    if model in APPLICATIONS:
+        keras_model, mode, names = _load_application(model, weights), APPLICATIONS[model].preprocess, _imagenet_labels()
+    elif model == "digits":
+        keras_model, mode, names = _load_file(DIGITS), "none", [str(d) for d in range(10)]
+    elif model.endswith((".keras", ".h5")):
+        keras_model = _load_file(pathlib.Path(model))
+        mode, names = preprocess or "none", _file_labels(labels, keras_model.output_shape[-1])
     else:
         raise ModelUnavailable(
-            f"unknown MODEL {name!r}: use one of {', '.join([*APPLICATIONS, 'digits'])} or a path to a .keras/.h5 file"
+            f"unknown MODEL {model!r}: use one of {', '.join([*APPLICATIONS, 'digits'])} or a path to a .keras/.h5 file"
         )
-    return Servable(_model_info(name, model, len(names)), names, model, _preprocessor(mode))
+    info = _model_info(name or model, version, keras_model, names)
+    return KerasServable(info, keras_model, _preprocessor(mode))
 
 
 def _load_application(name: str, weights: str) -> object:
@@ -118,13 +130,13 @@ def _file_labels(path: str, num_classes: int) -> list[str]:
     return names
 
 
-def _model_info(name: str, model: object, num_classes: int) -> ModelInfo:
+def _model_info(name: str, version: int, model: object, labels: list[str]) -> ModelInfo:
     _, height, width, channels = model.input_shape
     if None in (height, width, channels):
         raise ModelUnavailable(f"the model's input shape {model.input_shape} must be fixed (height, width, channels)")
     if channels not in (1, 3):
         raise ModelUnavailable(f"the model takes {channels} channels; only 1 (grayscale) or 3 (RGB) are supported")
-    return ModelInfo(name=name, height=height, width=width, channels=channels, num_classes=num_classes)
+    return ModelInfo(name, version, height, width, channels, tuple(labels))
 
 
 def _preprocessor(mode: str) -> Callable[[np.ndarray], np.ndarray]:

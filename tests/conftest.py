@@ -1,17 +1,135 @@
-"""Fixtures: real redis-server processes on free ports, real model and web servers, real HTTP."""
+"""Fixtures. Most tests run in-process against one real redis-server started for the session and
+flushed before each test: the web tier through Flask's test client, model servers as threads.
+Tests about processes (signals, SIGKILL, outages, gunicorn) start real ones with scripts.processes.
+"""
 
 from __future__ import annotations
 
 import io
 import pathlib
+import threading
 from collections.abc import Callable, Iterator
 
 import numpy as np
 import pytest
+import redis
 import requests
+from flask import Flask
+from flask.testing import FlaskClient
 from PIL import Image
 
-from serving.launch import Stack
+from scripts.processes import Stack, free_port, start_redis, stop
+from serving import connections, zoo
+from serving.app import create_app
+from serving.modelserver import Batch, ModelServer
+from settings import Settings
+
+# In-process model servers notice a stop this soon (the session's Redis checks timeouts at 100 Hz).
+TEST_BLOCK_S = 0.05
+
+
+@pytest.fixture(scope="session")
+def redis_url() -> Iterator[str]:
+    """One redis-server for the session; the `r` fixture flushes it before each test that uses it."""
+    port = free_port()
+    process = start_redis(port, hz=100)
+    try:
+        yield f"redis://127.0.0.1:{port}/0"
+    finally:
+        stop(process, timeout_s=10)
+
+
+@pytest.fixture
+def r(redis_url: str) -> Iterator[redis.Redis]:
+    client = connections.connect(redis_url, socket_timeout=10)
+    client.flushall()
+    yield client
+    client.close()
+
+
+@pytest.fixture
+def settings(redis_url: str) -> Settings:
+    return Settings(redis_url=redis_url, model="digits")
+
+
+@pytest.fixture(scope="session")
+def digits() -> zoo.KerasServable:
+    return zoo.load("digits")
+
+
+class ModelServers:
+    """Model servers running as threads of the test process; every batch they ran is in `batches`."""
+
+    def __init__(self, redis_url: str, settings: Settings) -> None:
+        self.redis_url = redis_url
+        self.settings = settings
+        self.batches: list[Batch] = []
+        self._running: list[tuple[ModelServer, threading.Thread]] = []
+
+    def start(self, servable: zoo.Servable, **changes: object) -> ModelServer:
+        """One more server of `servable`, with settings changed as given; back once it takes jobs."""
+        r = connections.connect(self.redis_url, socket_timeout=10)
+        settings = self.settings.replace(**changes)
+        server = ModelServer(servable, r, settings, on_batch=self.batches.append, block_s=TEST_BLOCK_S)
+        thread = threading.Thread(target=server.run, name=f"model server {server.server_id}", daemon=True)
+        thread.start()
+        assert server.started.wait(30), "the model server did not start"
+        self._running.append((server, thread))
+        return server
+
+    @property
+    def computed(self) -> list[str]:
+        """The request ids of every job computed, in order, once per computation."""
+        return [request_id for batch in self.batches for request_id in batch.request_ids]
+
+    def stop(self, server: ModelServer) -> None:
+        for running, thread in self._running:
+            if running is server:
+                server.stop()
+                thread.join(30)
+                assert not thread.is_alive(), "the model server did not stop"
+
+    def close(self) -> None:
+        for server, _ in self._running:
+            self.stop(server)
+
+
+@pytest.fixture
+def model_servers(r: redis.Redis, redis_url: str, settings: Settings) -> Iterator[ModelServers]:
+    servers = ModelServers(redis_url, settings)
+    yield servers
+    servers.close()
+
+
+@pytest.fixture
+def served(model_servers: ModelServers, digits: zoo.KerasServable) -> ModelServers:
+    """One digits model server running."""
+    model_servers.start(digits)
+    return model_servers
+
+
+@pytest.fixture
+def make_app(r: redis.Redis, settings: Settings) -> Iterator[Callable[..., Flask]]:
+    """Web tiers in-process: make_app(**setting changes) -> a Flask app on the session's Redis."""
+    apps: list[Flask] = []
+
+    def make(**changes: object) -> Flask:
+        apps.append(create_app(settings.replace(**changes)))
+        return apps[-1]
+
+    yield make
+    for app in apps:
+        app.extensions["serving"].inference.inbox.close()
+
+
+@pytest.fixture
+def client(make_app: Callable[..., Flask]) -> FlaskClient:
+    return make_app().test_client()
+
+
+def upload(client: FlaskClient, data: bytes, query: str = "", **form: object) -> object:
+    """POST /predict with `data` as the multipart file 'image', like curl -F image=@file."""
+    return client.post(f"/predict{query}", data={"image": (io.BytesIO(data), "image.png"), **form})
 
 
 @pytest.fixture(scope="session")

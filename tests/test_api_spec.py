@@ -17,7 +17,7 @@ import requests
 import schemathesis
 from openapi_spec_validator import validate
 
-from serving.launch import REPO, Stack
+from scripts.processes import REPO, Stack
 
 SPEC_PATH = REPO / "serving" / "static" / "openapi.json"
 SPEC: dict[str, Any] = json.loads(SPEC_PATH.read_text())

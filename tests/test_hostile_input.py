@@ -19,7 +19,7 @@ from PIL import Image
 
 import settings
 from serving import images, wire
-from serving.launch import Stack
+from scripts.processes import Stack
 from tests.conftest import post_image
 from tests.make_corpus import encode
 

@@ -3,7 +3,7 @@
 import subprocess
 import sys
 
-from serving.launch import REPO
+from scripts.processes import REPO
 
 
 def test_ruff_check_is_clean():

@@ -7,7 +7,7 @@ import re
 
 import requests
 
-from serving.launch import REPO, wait_until
+from scripts.processes import REPO, wait_until
 
 DIGIT = (REPO / "samples" / "digit_3.png").read_bytes()
 

@@ -14,7 +14,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 import requests
 
 from serving import wire
-from serving.launch import stop, wait_until
+from scripts.processes import stop, wait_until
 from tests.conftest import post_image
 
 REPO = pathlib.Path(__file__).resolve().parent.parent

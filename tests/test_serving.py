@@ -114,7 +114,7 @@ def test_missing_imagenet_weights_stop_the_model_server_with_directions(make_sta
     stack = make_stack()
     # A dead proxy makes sure no test ever downloads weights, with or without internet.
     env = {"MODEL": "resnet50", "KERAS_HOME": str(tmp_path), "https_proxy": "http://127.0.0.1:9"}
-    from serving.launch import start_python
+    from scripts.processes import start_python
 
     process = start_python("model_server.py", {**stack.env, **env}, tmp_path / "model.log")
     assert process.wait(timeout=120) == 2

@@ -1,7 +1,11 @@
-"""Start and stop the processes of a local stack: used by `make run`, the tests and the benchmark."""
+"""Start and stop the processes of a local stack: used by `make run`, the process-level tests and the benchmark.
+
+Not part of the served code (the Docker images do not carry it).
+"""
 
 from __future__ import annotations
 
+import json
 import os
 import pathlib
 import shutil
@@ -43,15 +47,15 @@ def redis_answers(url: str) -> bool:
         return False
 
 
-def start_redis(port: int, password: str | None = None, bind: str = "127.0.0.1") -> subprocess.Popen:
-    """A throwaway redis-server that keeps nothing on disk."""
+def start_redis(port: int, password: str | None = None, bind: str = "127.0.0.1", hz: int = 10) -> subprocess.Popen:
+    """A throwaway redis-server that keeps nothing on disk; `hz` is how often it checks blocking timeouts."""
     server = shutil.which("redis-server")
     if server is None:
         raise FileNotFoundError(
             "redis-server is not installed. Install it (Debian/Ubuntu: sudo apt-get install redis-server; "
             "macOS: brew install redis), or point REDIS_URL at a running Redis."
         )
-    args = [server, "--port", str(port), "--bind", bind, "--save", "", "--appendonly", "no"]
+    args = [server, "--port", str(port), "--bind", bind, "--save", "", "--appendonly", "no", "--hz", str(hz)]
     if password:
         args += ["--requirepass", password]
     process = subprocess.Popen(args, stdout=subprocess.DEVNULL)
@@ -84,7 +88,7 @@ def stop(process: subprocess.Popen, timeout_s: float = 40) -> int:
 
 
 class Stack:
-    """A throwaway Redis with model and web servers around it, each logging to its own file."""
+    """A throwaway Redis with model and web servers around it, each logging JSON lines to its own file."""
 
     def __init__(self, workdir: pathlib.Path, redis_password: str | None = None, **env: str) -> None:
         self.workdir = workdir
@@ -94,7 +98,8 @@ class Stack:
         self.redis_process = start_redis(self.redis_port, redis_password)
         auth = f":{redis_password}@" if redis_password else ""
         self.redis_url = f"redis://{auth}127.0.0.1:{self.redis_port}/0"
-        self.env = {"REDIS_URL": self.redis_url, "MODEL": "digits", **env}
+        # JSON logs: what a server did is read from their fields, never by matching text.
+        self.env = {"REDIS_URL": self.redis_url, "MODEL": "digits", "LOG_FORMAT": "json", **env}
         self.processes: list[subprocess.Popen] = []
         self.model_logs: list[pathlib.Path] = []
 
@@ -112,7 +117,7 @@ class Stack:
         log_path = self.workdir / f"model-{len(self.model_logs)}.log"
         self.model_logs.append(log_path)
         process = self._start("model_server.py", log_path, env)
-        wait_until(lambda: b"serving " in log_path.read_bytes(), 180, f"model server ({log_path})", process)
+        wait_until(lambda: self.logged(log_path, "serving"), 180, f"model server ({log_path})", process)
         return process
 
     def web_server(self, **env: str) -> str:
@@ -123,9 +128,22 @@ class Stack:
         wait_until(lambda: http_ok(f"{url}/health"), 60, f"web server on {port}", process)
         return url
 
-    def batches(self) -> list[tuple[int, list[str]]]:
-        """Every batch the model servers logged: (size, request ids)."""
-        return [(int(b["size"]), b["request_ids"].split(",")) for b in self._logged_batches()]
+    @staticmethod
+    def log_lines(path: pathlib.Path) -> list[dict]:
+        """The JSON lines of a log (TensorFlow's C++ start-up lines are not JSON, and are left out)."""
+        lines = []
+        for line in path.read_text(errors="replace").splitlines():
+            if line.startswith("{"):
+                lines.append(json.loads(line))
+        return lines
+
+    def logged(self, path: pathlib.Path, message: str) -> list[dict]:
+        """Every line of one log whose message is `message`."""
+        return [line for line in self.log_lines(path) if line["message"] == message]
+
+    def batches(self, server: int | None = None) -> list[tuple[int, list[str]]]:
+        """Every batch the model servers (or the one numbered `server`) logged: (size, request ids)."""
+        return [(int(b["size"]), b["request_ids"].split(",")) for b in self._logged_batches(server)]
 
     def wait_logged(self, request_ids: list[str], timeout_s: float = 15) -> None:
         """Wait until each id shows in a logged batch (a batch is logged just after its answers)."""
@@ -136,13 +154,9 @@ class Stack:
         """How long each logged predict took (only batches of `size`, if given), in batches() order."""
         return [float(b["model_ms"]) for b in self._logged_batches() if size is None or int(b["size"]) == size]
 
-    def _logged_batches(self) -> list[dict[str, str]]:
-        found = []
-        for path in self.model_logs:
-            for line in path.read_text(errors="replace").splitlines():
-                if " batch size=" in line:
-                    found.append(dict(part.split("=", 1) for part in line.split() if "=" in part))
-        return found
+    def _logged_batches(self, server: int | None = None) -> list[dict]:
+        paths = self.model_logs if server is None else [self.model_logs[server]]
+        return [batch for path in paths for batch in self.logged(path, "batch")]
 
     def close(self) -> None:
         for process in reversed(self.processes):

@@ -1,0 +1,81 @@
+"""The web tier's view of the models in Redis: which are served, and which version a request goes to.
+
+Read from the registry at most every REFRESH_S, so a model whose servers start is served within a
+second, without a restart, and a request costs no extra round trip to find its model.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import redis
+
+from serving import registry
+from serving.clock import RedisClock
+from serving.registry import ModelState
+
+# How long a web worker trusts what it read of the models before reading it again.
+REFRESH_S = 1.0
+
+
+class UnknownModel(LookupError):
+    """No model (or version) of that name is served; the message names the ones that are."""
+
+
+class NoModelNamed(LookupError):
+    """Several models are served, none is the default, and the request named none."""
+
+
+class NoModel(LookupError):
+    """No model server has published a model yet."""
+
+
+class Catalog:
+    def __init__(self, r: redis.Redis, clock: RedisClock, default_model: str = "") -> None:
+        self.r = r
+        self.clock = clock
+        self.default_model = default_model
+        self._states: list[ModelState] = []
+        self._read_at = -REFRESH_S
+        self._lock = threading.Lock()
+
+    def states(self) -> list[ModelState]:
+        """Every known model version, sorted by name then version."""
+        if time.monotonic() - self._read_at > REFRESH_S:
+            with self._lock:
+                if time.monotonic() - self._read_at > REFRESH_S:
+                    self._states = [registry.state(self.r, k) for k in registry.known_models(self.r, self.clock.now())]
+                    self._read_at = time.monotonic()
+        return self._states
+
+    def names(self) -> list[str]:
+        return sorted({state.keys.name for state in self.states()})
+
+    def resolve(self, name: str | None, version: int | None) -> ModelState:
+        """The model version a request goes to: the named version, or the highest with a live server.
+
+        Raises UnknownModel, NoModelNamed or NoModel; the state's info may still be None.
+        """
+        name = name or self._default_name()
+        versions = [state for state in self.states() if state.keys.name == name]
+        if not versions:
+            raise UnknownModel(f"no model named {name!r} is served; the models are: {', '.join(self.names())}")
+        if version is not None:
+            chosen = [state for state in versions if state.keys.version == version]
+            if not chosen:
+                served = ", ".join(str(state.keys.version) for state in versions)
+                raise UnknownModel(f"model {name!r} has no version {version}; its versions are: {served}")
+            return chosen[0]
+        live = [state for state in versions if state.ready]
+        return (live or versions)[-1]
+
+    def _default_name(self) -> str:
+        if self.default_model:
+            return self.default_model
+        names = self.names()
+        if not names:
+            raise NoModel("no model server has started yet; try again shortly")
+        if len(names) > 1:
+            raise NoModelNamed(f"several models are served: name one of {', '.join(names)} as 'model'")
+        return names[0]

@@ -1,0 +1,56 @@
+"""The web tier's errors, answered as the contract's JSON: {"success": false, "error": {code, message}}."""
+
+from __future__ import annotations
+
+import logging
+
+import redis
+from flask import Flask, Response, g, jsonify
+from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
+
+log = logging.getLogger("web")
+
+
+class ApiError(Exception):
+    """A client-facing error: an HTTP status, a machine code and a message for a person."""
+
+    def __init__(self, status: int, code: str, message: str, headers: dict | None = None) -> None:
+        super().__init__(message)
+        self.status, self.code, self.message = status, code, message
+        self.headers = headers or {}
+
+
+def error_response(status: int, code: str, message: str, headers: dict | None = None) -> Response:
+    response = jsonify(success=False, error={"code": code, "message": message})
+    response.status_code = status
+    response.headers.update(headers or {})
+    return response
+
+
+def register(app: Flask, max_upload_mb: float) -> None:
+    """Every error, whatever raised it, leaves the app as contract JSON; none as an HTML page."""
+
+    @app.errorhandler(ApiError)
+    def _api_error(exc: ApiError) -> Response:
+        return error_response(exc.status, exc.code, exc.message, exc.headers)
+
+    @app.errorhandler(RequestEntityTooLarge)
+    def _too_large(_: RequestEntityTooLarge) -> Response:
+        return error_response(413, "too_large", f"the upload is over {max_upload_mb:g} MB; send a smaller image")
+
+    @app.errorhandler(HTTPException)
+    def _http_error(exc: HTTPException) -> Response:
+        code = "bad_request" if exc.code == 400 else (exc.name or "error").lower().replace(" ", "_")
+        headers = {k: v for k, v in exc.get_headers() if k.lower() != "content-type"}  # e.g. Allow on 405
+        return error_response(exc.code or 400, code, exc.description or exc.name, headers)
+
+    @app.errorhandler(redis.RedisError)
+    def _redis_down(exc: redis.RedisError) -> Response:
+        log.warning("redis unavailable: %s", exc)
+        message = "the queue (Redis) is unavailable; try again shortly"
+        return error_response(503, "unavailable", message, {"Retry-After": "1"})
+
+    @app.errorhandler(Exception)
+    def _unexpected(exc: Exception) -> Response:
+        log.exception("unexpected error in request %s", g.get("request_id"))
+        return error_response(500, "internal", "an unexpected error happened on the server; it has been logged")

@@ -1,0 +1,122 @@
+"""Which models are served and by which live model servers: written by the model servers, read by the web tier.
+
+A model server announces itself on every heartbeat: its heartbeat key (expiring), its model's info,
+the model's "alive" key (expiring after NO_SERVER_GRACE_S) and the model's entry in the registry of
+every model (wire.MODELS). Nothing needs cleaning up after a crash: keys expire, and live servers
+reap the dead (serving.queue requeues what they held).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import redis
+
+from serving import wire
+
+# A model version no server has announced for this long is forgotten: 404 instead of 503.
+MODEL_RETENTION_S = 24 * 3600.0
+
+
+class Registration:
+    """One model server's presence in the registry."""
+
+    def __init__(self, r: redis.Redis, info: wire.ModelInfo, server_id: str) -> None:
+        self.r = r
+        self.keys = wire.ModelKeys(info.name, info.version)
+        self.info = info
+        self.server_id = server_id
+
+    def beat(self, now: float, ttl_s: float, grace_s: float, speed: wire.Speed | None = None) -> None:
+        """Announce this server alive for ttl_s, its model alive for grace_s; `now` is Redis' clock."""
+        pipe = self.r.pipeline(transaction=False)
+        if speed is not None:
+            pipe.hset(self.keys.speeds, self.server_id, speed.encode())
+        pipe.sadd(self.keys.servers, self.server_id)
+        pipe.set(self.keys.heartbeat(self.server_id), 1, px=int(ttl_s * 1000))
+        pipe.set(self.keys.alive, 1, px=int(grace_s * 1000))
+        # Republished every beat: a Redis that restarted empty learns the model again by itself.
+        pipe.set(self.keys.info, self.info.encode())
+        pipe.zadd(wire.MODELS, {self.keys.member: now})
+        pipe.zremrangebyscore(wire.MODELS, "-inf", now - MODEL_RETENTION_S)
+        pipe.execute()
+
+    def peers(self) -> list[str]:
+        """Every server id registered for this model, this one included, live or not."""
+        return [raw.decode() for raw in self.r.smembers(self.keys.servers)]
+
+    def forget(self, server_id: str) -> None:
+        pipe = self.r.pipeline(transaction=False)
+        pipe.srem(self.keys.servers, server_id)
+        pipe.hdel(self.keys.speeds, server_id)
+        pipe.execute()
+
+    def leave(self) -> None:
+        """On a clean exit (after giving back its jobs): stop counting as alive at once."""
+        self.r.delete(self.keys.heartbeat(self.server_id))
+        self.forget(self.server_id)
+
+
+@dataclass(frozen=True)
+class ModelState:
+    """A model version as the web tier sees it."""
+
+    keys: wire.ModelKeys
+    info: wire.ModelInfo | None  # None while nothing readable was published
+    live_servers: int
+    alive: bool  # some server beat within NO_SERVER_GRACE_S
+    queued: int  # jobs waiting in its queue
+    speeds: tuple[wire.Speed, ...]  # of its live servers
+
+    @property
+    def ready(self) -> bool:
+        return self.info is not None and self.live_servers > 0
+
+
+def known_models(r: redis.Redis, now: float) -> list[wire.ModelKeys]:
+    """Every model version announced within MODEL_RETENTION_S (`now` is Redis' clock)."""
+    found = []
+    for member in r.zrangebyscore(wire.MODELS, now - MODEL_RETENTION_S, "+inf"):
+        try:
+            found.append(wire.ModelKeys.from_member(member))
+        except wire.MalformedMessage:
+            continue
+    return sorted(found)
+
+
+def state(r: redis.Redis, keys: wire.ModelKeys) -> ModelState:
+    """What is published of one model version, and how many of its servers are alive."""
+    pipe = r.pipeline(transaction=False)
+    pipe.get(keys.info)
+    pipe.smembers(keys.servers)
+    pipe.exists(keys.alive)
+    pipe.llen(keys.queue)
+    pipe.hgetall(keys.speeds)
+    raw_info, server_ids, alive, queued, raw_speeds = pipe.execute()
+    ids = sorted(i.decode() for i in server_ids)
+    beating = [bool(n) for n in _each_exists(r, [keys.heartbeat(i) for i in ids])]
+    live_ids = [i for i, beats in zip(ids, beating, strict=True) if beats]
+    speeds = tuple(s for i in live_ids if (s := _speed(raw_speeds.get(i.encode()))) is not None)
+    return ModelState(keys, _info(raw_info, keys), len(live_ids), bool(alive), queued, speeds)
+
+
+def _each_exists(r: redis.Redis, names: list[str]) -> list[int]:
+    pipe = r.pipeline(transaction=False)
+    for name in names:
+        pipe.exists(name)
+    return pipe.execute() if names else []
+
+
+def _speed(raw: bytes | None) -> wire.Speed | None:
+    try:
+        return None if raw is None else wire.Speed.decode(raw)
+    except wire.MalformedMessage:
+        return None
+
+
+def _info(raw: bytes | None, keys: wire.ModelKeys) -> wire.ModelInfo | None:
+    try:
+        info = None if raw is None else wire.ModelInfo.decode(raw)
+    except wire.MalformedMessage:
+        return None
+    return info if info is not None and (info.name, info.version) == (keys.name, keys.version) else None

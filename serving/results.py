@@ -1,0 +1,116 @@
+"""Answers for one web worker's requests: one reader per model hands each answer to the request waiting for it.
+
+The model servers push every answer meant for this worker onto one list per model
+(wire.ModelKeys.inbox). A reader thread per model pops them in bulk and wakes the waiting request.
+However many requests wait, a worker holds one blocking Redis connection per model it has sent
+jobs to, not one per request. Answers whose client gave up are popped and dropped like the rest,
+so none stays behind in Redis; the inbox of a worker that died expires after RESULT_TTL_S.
+
+Written with threading primitives: under gunicorn's gevent worker they are gevent's (monkey
+patching), so a reader is a greenlet and a waiting request costs a greenlet and an Event.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import redis
+
+from serving import wire
+
+log = logging.getLogger("web")
+
+# How long one blocking pop lasts before the reader looks at the stop flag again.
+READ_BLOCK_S = 1.0
+# Answers popped in one round trip when many are waiting.
+READ_BATCH = 1000
+
+
+class _Waiter:
+    __slots__ = ("event", "result")
+
+    def __init__(self) -> None:
+        self.event = threading.Event()
+        self.result: wire.Result | None = None
+
+
+class Expected:
+    """The answers one request waits for."""
+
+    def __init__(self, waiters: dict[str, _Waiter]) -> None:
+        self._waiters = waiters
+
+    def wait(self, timeout_s: float) -> dict[str, wire.Result]:
+        """Every answer that came within timeout_s, by request id (missing ones timed out)."""
+        give_up = time.monotonic() + timeout_s
+        for waiter in self._waiters.values():
+            waiter.event.wait(max(0.0, give_up - time.monotonic()))
+        return {rid: w.result for rid, w in self._waiters.items() if w.result is not None}
+
+
+class Inbox:
+    def __init__(self, r: redis.Redis, worker_id: str = "") -> None:
+        """`r` should have a socket timeout above READ_BLOCK_S: its connections block that long."""
+        self.r = r
+        self.worker_id = worker_id or uuid.uuid4().hex
+        self._waiters: dict[str, _Waiter] = {}
+        self._readers: dict[wire.ModelKeys, threading.Thread] = {}
+        self._lock = threading.Lock()
+        self._closed = threading.Event()
+
+    @contextmanager
+    def expect(self, keys: wire.ModelKeys, request_ids: list[str]) -> Iterator[Expected]:
+        """Wait for these answers within the block; register before the jobs are queued, so none is missed."""
+        self._start_reader(keys)
+        waiters = {request_id: _Waiter() for request_id in request_ids}
+        self._waiters.update(waiters)
+        try:
+            yield Expected(waiters)
+        finally:
+            for request_id in request_ids:
+                self._waiters.pop(request_id, None)
+
+    @property
+    def waiting(self) -> int:
+        return len(self._waiters)
+
+    def close(self) -> None:
+        """Stop the readers; each ends within READ_BLOCK_S."""
+        self._closed.set()
+
+    def _start_reader(self, keys: wire.ModelKeys) -> None:
+        if keys in self._readers:
+            return
+        with self._lock:
+            if keys not in self._readers:
+                reader = threading.Thread(target=self._read, args=(keys,), name=f"inbox {keys.member}", daemon=True)
+                reader.start()
+                self._readers[keys] = reader
+
+    def _read(self, keys: wire.ModelKeys) -> None:
+        inbox = keys.inbox(self.worker_id)
+        while not self._closed.is_set():
+            try:
+                popped = self.r.blmpop(READ_BLOCK_S, 1, inbox, direction="LEFT", count=READ_BATCH)
+            except redis.RedisError as exc:
+                log.warning("reading answers from %s failed: %s", inbox, exc)
+                self._closed.wait(1.0)
+                continue
+            for raw in popped[1] if popped else ():
+                self._deliver(raw)
+
+    def _deliver(self, raw: bytes) -> None:
+        try:
+            result = wire.Result.decode(raw)
+        except wire.MalformedMessage as exc:
+            log.error("dropped an unreadable answer: %s", exc)
+            return
+        waiter = self._waiters.get(result.request_id)
+        if waiter is not None:  # else its client gave up: the answer goes no further
+            waiter.result = result
+            waiter.event.set()
