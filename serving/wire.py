@@ -128,23 +128,30 @@ class ModelInfo:
 
 @dataclass(frozen=True)
 class Speed:
-    """How fast one model server is, as it measured itself: what the web tier's admission reads."""
+    """How fast one model server is, as it measured itself: what the web tier's admission reads.
+
+    A full batch every batch_seconds[batch_size] is the server's throughput; a job's answer comes
+    about batch_seconds[n] + extra_seconds after the start of its batch of n.
+    """
 
     batch_size: int  # the most images it puts into one predict
-    batch_seconds: dict[int, float]  # images in a batch -> moving estimate of one batch's time
+    batch_seconds: dict[int, float]  # images in a batch -> moving estimate of one predict's time
+    extra_seconds: float = 0.0  # moving estimate of a batch's time outside predict (take, decode, answer)
 
     def encode(self) -> str:
-        return json.dumps({"batch_size": self.batch_size, "batch_seconds": self.batch_seconds})
+        return json.dumps(
+            {"batch_size": self.batch_size, "batch_seconds": self.batch_seconds, "extra_seconds": self.extra_seconds}
+        )
 
     @classmethod
     def decode(cls, raw: str | bytes) -> Speed:
         try:
             msg = json.loads(raw)
             seconds = {int(size): float(s) for size, s in msg["batch_seconds"].items()}
-            speed = cls(int(msg["batch_size"]), seconds)
+            speed = cls(int(msg["batch_size"]), seconds, float(msg.get("extra_seconds", 0.0)))
         except (ValueError, KeyError, TypeError, AttributeError) as exc:
             raise MalformedMessage(f"speed: {type(exc).__name__}: {exc}") from None
-        if speed.batch_size < 1 or any(size < 1 or s <= 0 for size, s in seconds.items()):
+        if speed.batch_size < 1 or speed.extra_seconds < 0 or any(n < 1 or s <= 0 for n, s in seconds.items()):
             raise MalformedMessage(f"speed: {msg!r:.200}")
         return speed
 
