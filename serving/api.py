@@ -107,7 +107,7 @@ def health() -> Response:
 @public
 def ready() -> tuple[Response, int]:
     try:
-        states = tier().catalog.states()
+        states = tier().catalog.states(max_age_s=0)  # the truth now, not the cache requests are routed by
     except redis.RedisError as exc:
         return jsonify(ready=False, reason=f"redis does not answer: {exc}"), 503
     servers = sum(state.live_servers for state in states)

@@ -40,11 +40,11 @@ class Catalog:
         self._read_at = -REFRESH_S
         self._lock = threading.Lock()
 
-    def states(self) -> list[ModelState]:
-        """Every known model version, sorted by name then version."""
-        if time.monotonic() - self._read_at > REFRESH_S:
+    def states(self, max_age_s: float = REFRESH_S) -> list[ModelState]:
+        """Every known model version, sorted by name then version, as read at most max_age_s ago."""
+        if time.monotonic() - self._read_at > max_age_s:
             with self._lock:
-                if time.monotonic() - self._read_at > REFRESH_S:
+                if time.monotonic() - self._read_at > max_age_s:
                     self._states = [registry.state(self.r, k) for k in registry.known_models(self.r, self.clock.now())]
                     self._read_at = time.monotonic()
         return self._states
