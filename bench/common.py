@@ -12,8 +12,8 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
-from serving import zoo
 from scripts.processes import REPO, Stack
+from serving import zoo
 
 WORK = REPO / "bench" / "work"  # generated model files and images (git-ignored)
 RESULTS = REPO / "bench" / "results"
