@@ -37,6 +37,14 @@ DIGITS = wire.ModelKeys("digits", 1)
 DIGIT = (REPO / "samples" / "digit_3.png").read_bytes()
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Under pytest-xdist (make test), tests that start server processes share one worker: run side by
+    side, their TensorFlow start-ups and timed phases would fight over the machine's cores."""
+    for item in items:
+        if item.get_closest_marker("processes"):
+            item.add_marker(pytest.mark.xdist_group("processes"))
+
+
 @pytest.fixture(scope="session")
 def redis_url() -> Iterator[str]:
     """One redis-server for the session; the `r` fixture flushes it before each test that uses it."""

@@ -5,6 +5,8 @@ Real processes: gunicorn's workers are what /metrics must add up, and the logs a
 
 from __future__ import annotations
 
+import pytest
+
 from scripts.processes import Stack, wait_until
 from tests.conftest import DIGIT, ModelServers, over_http, post_image
 
@@ -23,6 +25,7 @@ def scrape(url: str) -> str:
     return over_http("GET", f"{url}/metrics", timeout=10).text
 
 
+@pytest.mark.processes
 def test_metrics_add_up_across_web_workers_and_model_servers(make_stack, settings, digits):
     stack = make_stack(WEB_WORKERS="2")
     with ModelServers(stack.redis_url, settings) as servers:
@@ -54,6 +57,7 @@ def test_metrics_add_up_across_web_workers_and_model_servers(make_stack, setting
     assert len(answered_by) == 2, "both workers must have answered for the sum to mean anything"
 
 
+@pytest.mark.processes
 def test_json_logs_follow_a_request_across_both_tiers(make_stack):
     stack = make_stack(LOG_FORMAT="json")
     stack.model_server()

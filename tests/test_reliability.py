@@ -18,6 +18,7 @@ import time
 from concurrent.futures import Future, ThreadPoolExecutor
 
 import numpy as np
+import pytest
 import redis
 from flask import Flask
 
@@ -59,6 +60,7 @@ def paused(model_servers: ModelServers, digits: zoo.KerasServable) -> None:
 # ---------------------------------------------------------------- model server processes
 
 
+@pytest.mark.processes
 def test_sigkill_mid_batch_loses_no_request(make_stack, make_app, settings, slow_model_file):
     stack = make_stack(MODEL=str(slow_model_file), BATCH_SIZE="8")
     victim = stack.model_server()
@@ -81,6 +83,7 @@ def test_sigkill_mid_batch_loses_no_request(make_stack, make_app, settings, slow
     assert inflight(r, SLOW) == [] and r.llen(SLOW.queue) == 0
 
 
+@pytest.mark.processes
 def test_sigterm_finishes_the_batch_in_hand_and_exits_0(make_stack, make_app, settings, slow_model_file):
     stack = make_stack(MODEL=str(slow_model_file), BATCH_SIZE="8")
     first = stack.model_server()
@@ -99,8 +102,9 @@ def test_sigterm_finishes_the_batch_in_hand_and_exits_0(make_stack, make_app, se
     assert not first_batches & set(second.computed)
 
 
+@pytest.mark.processes
 def test_without_model_servers_requests_time_out_then_are_refused(make_stack, make_app):
-    stack = make_stack(NO_SERVER_GRACE_S="4")
+    stack = make_stack(NO_SERVER_GRACE_S="10")  # long enough for the 504 below on a busy machine
     model = stack.model_server()
     client = make_app(redis_url=stack.redis_url, request_timeout_s=2).test_client()
     stop(model)
@@ -108,7 +112,7 @@ def test_without_model_servers_requests_time_out_then_are_refused(make_stack, ma
     ready = client.get("/ready")
     assert ready.status_code == 503 and "model server" in ready.json["reason"]
     assert upload(client, DIGIT).status_code == 504  # one may come back any moment
-    wait_until(lambda: not stack.redis().exists(DIGITS.alive), 10, "the grace period over")
+    wait_until(lambda: not stack.redis().exists(DIGITS.alive), 20, "the grace period over")
     refused = upload(client, DIGIT)
     assert refused.status_code == 503 and refused.json["error"]["code"] == "unavailable"
 
@@ -116,6 +120,7 @@ def test_without_model_servers_requests_time_out_then_are_refused(make_stack, ma
 # ---------------------------------------------------------------- gunicorn and the whole stack
 
 
+@pytest.mark.processes
 def test_web_tier_drains_requests_in_flight_on_sigterm(make_stack, settings, digits):
     stack = make_stack()
     with ModelServers(stack.redis_url, settings) as servers:
@@ -133,6 +138,7 @@ def test_web_tier_drains_requests_in_flight_on_sigterm(make_stack, settings, dig
         assert len(servers.computed) == 16
 
 
+@pytest.mark.processes
 def test_redis_outage_answers_503_and_both_tiers_recover(make_stack):
     stack = make_stack()
     stack.model_server()
@@ -173,6 +179,7 @@ def stress(url: str, tmp_path, *args: str) -> dict:
     return json.loads(out.read_text())
 
 
+@pytest.mark.processes
 def test_three_times_capacity_is_refused_early_not_queued_forever(make_stack, slow_model_file, tmp_path):
     stack = make_stack(MODEL=str(slow_model_file), BATCH_SIZE="8", QUEUE_LIMIT="16", REQUEST_TIMEOUT_S="5")
     model = stack.model_server()

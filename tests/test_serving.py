@@ -104,6 +104,7 @@ def test_error_answers_are_contract_json(r, served, client):
         assert_rejected(r, served, response, status, code)
 
 
+@pytest.mark.processes
 def test_missing_imagenet_weights_stop_the_model_server_with_directions(redis_url, tmp_path):
     # A dead proxy makes sure no test ever downloads weights, with or without internet.
     env = {"REDIS_URL": redis_url, "LOG_FORMAT": "json", "MODEL": "resnet50", "KERAS_HOME": str(tmp_path)}
