@@ -59,7 +59,7 @@ def health() -> Response:
 @public
 def ready() -> tuple[Response, int]:
     try:
-        states = tier().catalog.states()
+        states = tier().catalog.read()
     except redis.RedisError as exc:
         return jsonify(ready=False, reason=f"redis does not answer: {exc}"), 503
     servers = sum(state.live_servers for state in states)

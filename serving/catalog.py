@@ -44,12 +44,17 @@ class Catalog:
         self._lock = threading.Lock()
 
     def states(self) -> list[ModelState]:
-        """Every known model version, sorted by name then version."""
+        """Every known model version, sorted by name then version, as read within refresh_s."""
         if self._stale():
             with self._lock:
                 if self._stale():
-                    self._states = [registry.state(self.r, k) for k in registry.known_models(self.r, self.clock.now())]
-                    self._read_at = time.monotonic()
+                    self.read()
+        return self._states
+
+    def read(self) -> list[ModelState]:
+        """The same, read from Redis now (readiness checks must see Redis down at once); raises redis.RedisError."""
+        self._states = [registry.state(self.r, k) for k in registry.known_models(self.r, self.clock.now())]
+        self._read_at = time.monotonic()
         return self._states
 
     def forget(self) -> None:
