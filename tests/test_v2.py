@@ -17,8 +17,12 @@ import requests
 import tritonclient.http as triton
 from tritonclient.utils import InferenceServerException
 
+from scripts.processes import free_port, wait_until
+from serving import connections
+from serving.app import create_app
 from tests.conftest import COLOURS, png, solid
 from tests.live_server import serving
+from tests.test_api_spec import conforms
 
 SAMPLES = pathlib.Path(__file__).resolve().parent.parent / "samples"
 
@@ -274,3 +278,32 @@ def test_a_request_whose_images_outlast_its_deadline_is_cut_short(model_servers,
         response = post(url, "digits/infer", {"inputs": [image_tensor([big] * 20)]})
     assert "deadline" in protocol_error(response, 504)
     assert model_servers.computed == []
+
+
+def test_error_answers_match_the_openapi_document(model_servers, digits, make_app, settings, batch):
+    """API keys, the size limit, a model without a live server, then Redis down: each as documented."""
+    server = model_servers.start(digits)
+    app = make_app(api_keys=frozenset({"sesame"}), max_upload_mb=0.01, request_timeout_s=0.5)
+    key = {"Authorization": "Bearer sesame"}
+    with serving(app) as url:
+        for method, path in [("GET", "/v2"), ("GET", "/v2/models/{name}"), ("POST", "/v2/models/{name}/infer")]:
+            response = requests.request(method, url + path.format(name="digits"), json={}, timeout=10)
+            conforms(response, path, method, 401)
+        too_big = post(url, "digits/infer", {"inputs": [image_tensor([b"\0" * 20_000])]}, **key)
+        conforms(too_big, "/v2/models/{name}/infer", "POST", 413)
+
+        model_servers.stop(server)  # digits stays known, with no live server: its jobs wait, then time out
+        wait_until(lambda: requests.get(f"{url}/v2/models/digits/ready", timeout=10).status_code == 503, 10, "gone")
+        conforms(requests.get(f"{url}/v2/models/digits/ready", timeout=10), "/v2/models/{name}/ready", "GET", 503)
+        conforms(requests.get(f"{url}/v2/health/ready", timeout=10), "/v2/health/ready", "GET", 503)
+        timed_out = post(url, "digits/infer", {"inputs": [image_tensor(batch[1][:1])]}, **key)
+        conforms(timed_out, "/v2/models/{name}/infer", "POST", 504)
+
+    nowhere = connections.connect(f"redis://127.0.0.1:{free_port()}/0", socket_timeout=1)
+    with serving(create_app(settings, nowhere, nowhere)) as url:
+        for path in ("/v2/models/{name}", "/v2/models/{name}/ready", "/v2/health/ready"):
+            response = requests.get(url + path.format(name="digits"), timeout=30)
+            assert "unavailable" in conforms(response, path, "GET", 503)["error"]
+        response = post(url, "digits/infer", {"inputs": [image_tensor(batch[1][:1])]})
+        conforms(response, "/v2/models/{name}/infer", "POST", 503)
+        assert requests.get(f"{url}/v2/health/live", timeout=10).status_code == 200
