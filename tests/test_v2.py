@@ -18,7 +18,7 @@ import tritonclient.http as triton
 from tritonclient.utils import InferenceServerException
 
 from scripts.processes import free_port, wait_until
-from serving import connections
+from serving import connections, wire
 from serving.app import create_app
 from tests.conftest import COLOURS, png, solid
 from tests.live_server import serving
@@ -307,3 +307,66 @@ def test_error_answers_match_the_openapi_document(model_servers, digits, make_ap
         response = post(url, "digits/infer", {"inputs": [image_tensor(batch[1][:1])]})
         conforms(response, "/v2/models/{name}/infer", "POST", 503)
         assert requests.get(f"{url}/v2/health/live", timeout=10).status_code == 200
+
+
+NESTED = b'{"inputs": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"
+HOSTILE = {
+    "not json": (b"\x89PNG\r\n", {}),
+    "not utf-8": (b'{"inputs": "\xff"}', {}),
+    "a JSON array": (b"[]", {}),
+    "nested 100,000 deep": (NESTED, {}),
+    "header length not a number": (b"{}", {"Inference-Header-Content-Length": "1_0"}),
+    "header length past the body": (b"{}", {"Inference-Header-Content-Length": "99"}),
+    "negative binary size": (
+        json.dumps(
+            {"inputs": [{"name": "image", "datatype": "BYTES", "shape": [1], "parameters": {"binary_data_size": -4}}]}
+        ).encode(),
+        {},
+    ),
+    "shape of a trillion": (
+        json.dumps(
+            {"inputs": [{"name": "pixels", "datatype": "UINT8", "shape": [10**12, 8, 8, 1], "data": [1]}]}
+        ).encode(),
+        {},
+    ),
+    "ragged data": (
+        json.dumps(
+            {"inputs": [{"name": "pixels", "datatype": "UINT8", "shape": [1, 8, 8, 1], "data": [[1, 2], [3]]}]}
+        ).encode(),
+        {},
+    ),
+    "booleans as pixels": (
+        json.dumps(
+            {"inputs": [{"name": "pixels", "datatype": "UINT8", "shape": [1, 8, 8, 1], "data": [True] * 64}]}
+        ).encode(),
+        {},
+    ),
+    "a huge integer": (
+        json.dumps(
+            {"inputs": [{"name": "pixels", "datatype": "UINT8", "shape": [1, 8, 8, 1], "data": [10**40] * 64}]}
+        ).encode(),
+        {},
+    ),
+    "bytes that are no base64": (
+        json.dumps({"inputs": [image_tensor([b"x"])]}).encode().replace(b'"eA=="', b'"%%%"'),
+        {},
+    ),
+    "classification true": (
+        json.dumps(
+            {
+                "inputs": [image_tensor([b"x"])],
+                "outputs": [{"name": "probabilities", "parameters": {"classification": True}}],
+            }
+        ).encode(),
+        {},
+    ),
+    "too many images": (json.dumps({"inputs": [image_tensor([b"x"] * 1025)]}).encode(), {}),
+}
+
+
+@pytest.mark.parametrize("name", HOSTILE)
+def test_hostile_bodies_get_a_400_and_nothing_is_queued(url, model_servers, r, name):
+    body, headers = HOSTILE[name]
+    response = requests.post(f"{url}/v2/models/digits/infer", data=body, headers=headers, timeout=60)
+    protocol_error(response, 400)
+    assert model_servers.computed == [] and r.llen(wire.ModelKeys("digits", 1).queue) == 0
