@@ -79,5 +79,6 @@ def _finish(response: Response) -> Response:
         path=request.path,
         status=response.status_code,
         ms=round(elapsed * 1000, 1),
+        model=g.model.member if g.get("model") else "",  # the model version chosen for it, as name:version
     )
     return response

@@ -257,10 +257,8 @@ def test_api_keys_guard_metadata_and_infer_but_not_health(model_servers, digits,
             with pytest.raises(InferenceServerException):
                 client.infer("digits", [image_input(batch[1][:1])])
             key = {"Authorization": "Bearer sesame"}
-            assert client.infer("digits", [image_input(batch[1][:1])], headers=key).as_numpy("probabilities").shape == (
-                1,
-                10,
-            )
+            result = client.infer("digits", [image_input(batch[1][:1])], headers=key)
+            assert result.as_numpy("probabilities").shape == (1, 10)
         assert "API key" in protocol_error(requests.get(f"{url}/v2", timeout=10), 401)
 
 
@@ -309,7 +307,16 @@ def test_error_answers_match_the_openapi_document(model_servers, digits, make_ap
         assert requests.get(f"{url}/v2/health/live", timeout=10).status_code == 200
 
 
+def infer_body(tensor: dict, **request: object) -> bytes:
+    return json.dumps({"inputs": [tensor], **request}).encode()
+
+
+def pixels_tensor(data: object, shape: list[int] | None = None) -> dict:
+    return {"name": "pixels", "datatype": "UINT8", "shape": shape or [1, 8, 8, 1], "data": data}
+
+
 NESTED = b'{"inputs": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"
+BINARY_SIZE = {"name": "image", "datatype": "BYTES", "shape": [1], "parameters": {"binary_data_size": -4}}
 HOSTILE = {
     "not json": (b"\x89PNG\r\n", {}),
     "not utf-8": (b'{"inputs": "\xff"}', {}),
@@ -317,50 +324,17 @@ HOSTILE = {
     "nested 100,000 deep": (NESTED, {}),
     "header length not a number": (b"{}", {"Inference-Header-Content-Length": "1_0"}),
     "header length past the body": (b"{}", {"Inference-Header-Content-Length": "99"}),
-    "negative binary size": (
-        json.dumps(
-            {"inputs": [{"name": "image", "datatype": "BYTES", "shape": [1], "parameters": {"binary_data_size": -4}}]}
-        ).encode(),
-        {},
-    ),
-    "shape of a trillion": (
-        json.dumps(
-            {"inputs": [{"name": "pixels", "datatype": "UINT8", "shape": [10**12, 8, 8, 1], "data": [1]}]}
-        ).encode(),
-        {},
-    ),
-    "ragged data": (
-        json.dumps(
-            {"inputs": [{"name": "pixels", "datatype": "UINT8", "shape": [1, 8, 8, 1], "data": [[1, 2], [3]]}]}
-        ).encode(),
-        {},
-    ),
-    "booleans as pixels": (
-        json.dumps(
-            {"inputs": [{"name": "pixels", "datatype": "UINT8", "shape": [1, 8, 8, 1], "data": [True] * 64}]}
-        ).encode(),
-        {},
-    ),
-    "a huge integer": (
-        json.dumps(
-            {"inputs": [{"name": "pixels", "datatype": "UINT8", "shape": [1, 8, 8, 1], "data": [10**40] * 64}]}
-        ).encode(),
-        {},
-    ),
-    "bytes that are no base64": (
-        json.dumps({"inputs": [image_tensor([b"x"])]}).encode().replace(b'"eA=="', b'"%%%"'),
-        {},
-    ),
+    "negative binary size": (infer_body(BINARY_SIZE), {}),
+    "shape of a trillion": (infer_body(pixels_tensor([1], [10**12, 8, 8, 1])), {}),
+    "ragged data": (infer_body(pixels_tensor([[1, 2], [3]])), {}),
+    "booleans as pixels": (infer_body(pixels_tensor([True] * 64)), {}),
+    "a huge integer": (infer_body(pixels_tensor([10**40] * 64)), {}),
+    "text that is no base64": (infer_body({**image_tensor([b"x"]), "data": ["%%%"]}), {}),
     "classification true": (
-        json.dumps(
-            {
-                "inputs": [image_tensor([b"x"])],
-                "outputs": [{"name": "probabilities", "parameters": {"classification": True}}],
-            }
-        ).encode(),
+        infer_body(image_tensor([b"x"]), outputs=[{"name": "probabilities", "parameters": {"classification": True}}]),
         {},
     ),
-    "too many images": (json.dumps({"inputs": [image_tensor([b"x"] * 1025)]}).encode(), {}),
+    "too many images": (infer_body(image_tensor([b"x"] * 1025)), {}),
 }
 
 
