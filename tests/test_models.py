@@ -7,12 +7,14 @@ import base64
 import math
 import pathlib
 import re
+from dataclasses import dataclass
 
 import pytest
 
 from scripts.processes import wait_until
 from serving import wire, zoo
-from tests.conftest import png, solid, upload
+from serving.modelserver import ModelServer
+from tests.conftest import ModelServers, png, solid, upload
 
 DIGIT = (pathlib.Path(__file__).resolve().parent.parent / "samples" / "digit_3.png").read_bytes()
 RED = png(solid((250, 10, 10)))
@@ -23,12 +25,17 @@ def digits_v2() -> zoo.KerasServable:
     return zoo.load("digits", version=2)
 
 
+@dataclass
+class TwoModels:
+    servers: ModelServers
+    digits: ModelServer
+    colours: ModelServer
+
+
 @pytest.fixture
-def two_models(model_servers, digits, colours):
+def two_models(model_servers, digits, colours) -> TwoModels:
     """digits and colours served, one model server each."""
-    model_servers.start(digits)
-    model_servers.start(colours)
-    return model_servers
+    return TwoModels(model_servers, model_servers.start(digits), model_servers.start(colours))
 
 
 def ids_computed_by(servers, server) -> set[str]:
@@ -59,9 +66,8 @@ def test_model_and_version_come_from_query_form_or_json(two_models, client, wher
         assert response.json["predictions"][0]["label"] == {"colours": "red", "digits": "3"}[name]
 
 
-def test_each_models_traffic_reaches_only_its_own_servers(two_models, client, digits, colours):
-    servers = two_models
-    digit_server, colour_server = (running for running, _ in servers._running)
+def test_each_models_traffic_reaches_only_its_own_servers(two_models, client, colours):
+    servers, digit_server, colour_server = two_models.servers, two_models.digits, two_models.colours
     sent: dict[str, set[str]] = {"digits": set(), "colours": set()}
     for n in range(20):
         name = ("digits", "colours")[n % 2]
@@ -127,10 +133,9 @@ def test_without_a_version_the_highest_with_a_live_server_answers(model_servers,
 
 
 def test_models_lists_every_model_with_versions_shape_classes_and_readiness(two_models, digits_v2, client):
-    two_models.start(digits_v2)
+    two_models.servers.start(digits_v2)
     wait_until(lambda: len(client.get("/models").json["models"][1]["versions"]) == 2, 10, "v2 listed")
-    digits_v1 = two_models._running[0][0]
-    two_models.stop(digits_v1)
+    two_models.servers.stop(two_models.digits)
 
     models = client.get("/models").json
     assert models == {
@@ -139,7 +144,7 @@ def test_models_lists_every_model_with_versions_shape_classes_and_readiness(two_
             {"name": "digits", "versions": [1, 2], "ready": True, "input": [8, 8, 1], "classes": 10},
         ]
     }
-    two_models.close()
+    two_models.servers.close()
     wait_until(lambda: not any(m["ready"] for m in client.get("/models").json["models"]), 10, "none ready")
 
 
@@ -184,7 +189,7 @@ def test_metrics_are_labelled_by_model_and_version(two_models, client):
     for name, image in [("digits", DIGIT), ("colours", RED), ("colours", RED)]:
         assert upload(client, image, model=name).status_code == 200
     upload(client, DIGIT, model="nope")
-    wait_until(lambda: len(two_models.batches) >= 3, 10, "batches recorded")
+    wait_until(lambda: len(two_models.servers.batches) >= 3, 10, "batches recorded")
     after = client.get("/metrics").get_data(as_text=True)
 
     def grew(sample: str) -> float:
