@@ -26,7 +26,8 @@ v2 = Blueprint("v2", __name__, url_prefix=PREFIX)
 
 SERVER = {"name": "keras-serving", "version": "1.0.0", "extensions": ["classification", "binary_tensor_data"]}
 IMAGE, PIXELS, PROBABILITIES = "image", "pixels", "probabilities"
-# Images in one request. More would not fit in one atomic submit (a Lua call's arguments) for long.
+# Images in one request: all go into the queue in one atomic submit, whose Lua script cannot unpack
+# more than about 8,000 jobs, and whose decoding holds one web worker.
 MAX_IMAGES = 1024
 
 
