@@ -21,10 +21,11 @@ from serving.clock import RedisClock
 
 # `route` is the matched URL rule, never the raw path, so random URLs cannot grow the label set.
 REQUESTS = Counter("serving_requests_total", "HTTP requests answered, by route and status", ["route", "status"])
+# Inference requests by the model version they went to ("" when none was chosen, e.g. a bad upload).
 LATENCY = Histogram(
     "serving_request_seconds",
-    "Time to answer POST /predict, by status",
-    ["status"],
+    "Time to answer an inference request (POST /predict, or the Open Inference Protocol's infer)",
+    ["route", "model", "version", "status"],
     buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
 )
 
@@ -103,10 +104,11 @@ class _SharedFigures(Collector):
         return stats, queue.depth(self.r, keys), registry.state(self.r, keys).live_servers
 
 
-def observe_request(route: str, status: int, seconds: float) -> None:
+def observe_request(route: str, status: int, seconds: float, model: wire.ModelKeys | None = None) -> None:
     REQUESTS.labels(route=route, status=str(status)).inc()
-    if route == "/predict":
-        LATENCY.labels(status=str(status)).observe(seconds)
+    if route == "/predict" or route.endswith("/infer"):
+        name, version = (model.name, str(model.version)) if model else ("", "")
+        LATENCY.labels(route=route, model=name, version=version, status=str(status)).observe(seconds)
 
 
 def render(r: redis.Redis, clock: RedisClock) -> bytes:

@@ -59,9 +59,15 @@ def _what_came(request: Request) -> str:
     return f"received a {request.mimetype or 'untyped'} body with no form fields"
 
 
-def _from_json(request: Request) -> Upload:
-    request.get_data()  # read and cache the body, so a cut-off one is caught before parsing
+def read_body(request: Request) -> bytes:
+    """The whole body, read and cached (so a cut-off one is caught before parsing), or 413 when over the limit."""
+    data = request.get_data()
     _refuse_cut_off_body(request)
+    return data
+
+
+def _from_json(request: Request) -> Upload:
+    read_body(request)
     try:
         body = request.get_json(silent=True)  # None for invalid JSON or UTF-8
     except RecursionError:  # deeply nested arrays: not a ValueError, so silent=True lets it out
@@ -75,7 +81,7 @@ def _from_json(request: Request) -> Upload:
         )
     if not isinstance(encoded, str):
         raise ApiError(400, "bad_request", '"image" must be a string holding the base64 of the image file')
-    return Upload(_b64decode(encoded), _options(body, request.args))
+    return Upload(b64decode(encoded), _options(body, request.args))
 
 
 def _refuse_cut_off_body(request: Request) -> None:
@@ -91,7 +97,8 @@ def _refuse_cut_off_body(request: Request) -> None:
             raise RequestEntityTooLarge()
 
 
-def _b64decode(encoded: str) -> bytes:
+def b64decode(encoded: str) -> bytes:
+    """An image file sent as base64 (or a data: URL), or a 400 saying why it is none."""
     if encoded.startswith("data:") and "," in encoded:  # a data URL straight from a browser
         encoded = encoded.split(",", 1)[1]
     compact = "".join(encoded.split())  # line breaks, as base64 tools write them

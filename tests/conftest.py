@@ -8,6 +8,7 @@ from __future__ import annotations
 import io
 import pathlib
 import threading
+import uuid
 from collections.abc import Callable, Iterator
 
 import numpy as np
@@ -64,13 +65,21 @@ class ModelServers:
         self.redis_url = redis_url
         self.settings = settings
         self.batches: list[Batch] = []
+        self.batches_of: dict[str, list[Batch]] = {}  # by server id
         self._running: list[tuple[ModelServer, threading.Thread]] = []
 
     def start(self, servable: zoo.Servable, **changes: object) -> ModelServer:
         """One more server of `servable`, with settings changed as given; back once it takes jobs."""
         r = connections.connect(self.redis_url, socket_timeout=10)
         settings = self.settings.replace(**changes)
-        server = ModelServer(servable, r, settings, on_batch=self.batches.append, block_s=TEST_BLOCK_S)
+        server_id = uuid.uuid4().hex
+        own = self.batches_of.setdefault(server_id, [])
+
+        def record(batch: Batch) -> None:
+            self.batches.append(batch)
+            own.append(batch)
+
+        server = ModelServer(servable, r, settings, server_id, on_batch=record, block_s=TEST_BLOCK_S)
         thread = threading.Thread(target=server.run, name=f"model server {server.server_id}", daemon=True)
         thread.start()
         assert server.started.wait(30), "the model server did not start"
@@ -199,3 +208,35 @@ def slow_model_file(tmp_path_factory: pytest.TempPathFactory) -> pathlib.Path:
     path = tmp_path_factory.mktemp("slow") / "slow.keras"
     model.save(path)
     return path
+
+
+COLOURS = ("red", "green", "blue")
+
+
+@pytest.fixture(scope="session")
+def colours_file(tmp_path_factory: pytest.TempPathFactory) -> tuple[pathlib.Path, pathlib.Path]:
+    """A second model, on another input shape than digits: the dominant colour of a 16x16 RGB image.
+
+    Built, not trained: the mean of each channel, scaled, into a softmax. Returns (model file, labels file).
+    """
+    import keras
+
+    model = keras.Sequential(
+        [keras.Input((16, 16, 3)), keras.layers.GlobalAveragePooling2D(), keras.layers.Dense(3, activation="softmax")]
+    )
+    model.layers[-1].set_weights([np.eye(3, dtype=np.float32) * 0.05, np.zeros(3, np.float32)])
+    folder = tmp_path_factory.mktemp("colours")
+    model.save(folder / "colours.keras")
+    (folder / "colours.txt").write_text("\n".join(COLOURS) + "\n")
+    return folder / "colours.keras", folder / "colours.txt"
+
+
+@pytest.fixture(scope="session")
+def colours(colours_file: tuple[pathlib.Path, pathlib.Path]) -> zoo.KerasServable:
+    model, labels = colours_file
+    return zoo.load(str(model), labels=str(labels), name="colours")
+
+
+def solid(colour: tuple[int, int, int], size: int = 16) -> np.ndarray:
+    """An image of one colour, size x size RGB."""
+    return np.tile(np.array(colour, np.uint8), (size, size, 1))

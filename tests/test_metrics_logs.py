@@ -33,7 +33,7 @@ def test_metrics_add_up_across_web_workers_and_model_servers(make_stack):
 
     assert metric(text, 'serving_requests_total{route="/predict",status="200"}') == 40
     assert metric(text, 'serving_requests_total{route="other",status="404"}') == 1
-    assert metric(text, 'serving_request_seconds_count{status="200"}') == 40
+    assert metric(text, 'serving_request_seconds_count{model="digits",route="/predict",status="200",version="1"}') == 40
     assert metric(text, "serving_images_total") == 40
     assert metric(text, "serving_batch_size_count") == len(stack.batches())
     assert metric(text, "serving_batch_size_sum") == 40
