@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import math
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import numpy as np
 import redis
 from flask import Blueprint, Response, g, jsonify, request
@@ -11,7 +15,7 @@ from serving.catalog import NoModel, NoModelNamed, UnknownModel
 from serving.errors import ApiError
 from serving.inference import Refused, TimedOut
 from serving.registry import ModelState
-from serving.upload import parse_model, parse_top_k, parse_version, read_image
+from serving.upload import TIMEOUT_HEADER, parse_model, parse_timeout, parse_top_k, parse_version, read_image
 from serving.webtier import public, tier
 
 api = Blueprint("api", __name__)
@@ -28,16 +32,21 @@ _FAILURES = {
 @api.post("/predict")
 def predict() -> Response:
     t = tier()
-    deadline = t.clock.now() + t.settings.request_timeout_s  # from arrival: decoding counts too
+    arrived = t.clock.now()  # the deadline counts from arrival: reading and decoding count too
     upload = read_image(request)
     model = resolve(upload.options.get("model"), upload.options.get("version"))
     info = model.info
     top_k = parse_top_k(upload.options.get("top_k"), t.settings.top_k, info.num_classes)
+    asked = upload.options.get("timeout_ms"), request.headers.get(TIMEOUT_HEADER)
+    timeout_s = parse_timeout(*asked, t.settings.request_timeout_s)
+    deadline = arrived + timeout_s
+    with refusals_as_http(timeout_s):  # before decoding, the expensive part: refusals stay cheap
+        t.inference.refuse_early(model, 1, deadline)
     try:
         pixels = images.decode(upload.image, info.height, info.width, info.channels)
     except images.InvalidImage as exc:
         raise ApiError(400, "invalid_image", f"{exc}; send a JPEG, PNG, GIF, WebP, BMP, TIFF or AVIF file") from None
-    (result,) = infer(model, [pixels], top_k, deadline)
+    (result,) = infer(model, [pixels], top_k, deadline, timeout_s)
     predictions = [{"label": info.labels[i], "probability": p} for i, p in result.top]
     return jsonify(success=True, request_id=g.request_id, model=info.name, predictions=predictions)
 
@@ -58,17 +67,26 @@ def resolve(raw_model: object, raw_version: object) -> ModelState:
     return model
 
 
-def infer(model: ModelState, pixels: list[np.ndarray], top_k: int | None, deadline: float) -> list:
+@contextmanager
+def refusals_as_http(timeout_s: float) -> Iterator[None]:
+    """Refused as 503 with Retry-After (whole seconds, at least 1), TimedOut as 504."""
+    try:
+        yield
+    except Refused as exc:
+        headers = {"Retry-After": str(max(1, math.ceil(exc.retry_after_s)))}
+        raise ApiError(503, exc.reason, exc.message, headers) from None
+    except TimedOut as exc:
+        message = exc.message or f"no answer within {timeout_s:g} s; the server is busy, try again later"
+        raise ApiError(504, "timeout", message) from None
+
+
+def infer(
+    model: ModelState, pixels: list[np.ndarray], top_k: int | None, deadline: float, timeout_s: float | None = None
+) -> list:
     """The model tier's results for these images, or the ApiError that says why not."""
     t = tier()
-    try:
+    with refusals_as_http(t.settings.request_timeout_s if timeout_s is None else timeout_s):
         results = t.inference.infer(g.request_id, model, pixels, top_k, deadline)
-    except Refused as exc:
-        headers = {"Retry-After": str(max(1, round(exc.retry_after_s)))}
-        raise ApiError(503, exc.reason, exc.message, headers) from None
-    except TimedOut:
-        timeout = t.settings.request_timeout_s
-        raise ApiError(504, "timeout", f"no answer within {timeout:g} s; the server is busy, try again later") from None
     for result in results:
         if result.error_code:
             status, code = _FAILURES.get(result.error_code, (500, "model_error"))
