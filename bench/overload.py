@@ -13,7 +13,6 @@ Writes bench/results/overload.{json,md,png}.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import pathlib
@@ -22,7 +21,7 @@ import sys
 import time
 import urllib.request
 
-from bench.common import RESULTS, model_spec, our_stack, stress
+from bench.common import RESULTS, command_line, model_spec, our_stack, stress
 
 LEVELS = (0.5, 0.6, 1.0, 2.0, 3.0, 5.0, 10.0)
 TIMEOUT_S = 10  # REQUEST_TIMEOUT_S of the sweep, as in issue 10
@@ -220,9 +219,7 @@ def plot(results: dict, path: str) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--models", nargs="+", default=["resnet50", "digits"])
-    parser.add_argument("--duration", type=float, default=20.0, help="seconds of arrivals per point")
+    parser = command_line(__doc__, ["resnet50", "digits"], 20.0, "arrivals")
     parser.add_argument("--levels", nargs="+", type=float, default=list(LEVELS))
     parser.add_argument("--no-burst", action="store_true", help="leave out the burst of 5,000 digits clients")
     args = parser.parse_args()
