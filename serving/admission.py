@@ -1,8 +1,9 @@
 """The wait a new request faces, predicted from the model servers' measured speeds: what admission decides on.
 
-A request's last image sits behind `queued` others. Its answer comes once the model tier has worked
-through them at its measured rate (every live server's full batch over that batch's time), plus the
-time of the batch that holds it. Admission lets the queue hold only as many images as the model
+A request's last image sits behind the images the model servers already hold (taken into their
+in-flight lists, not answered yet) and those queued ahead of it. Its answer comes once the model
+tier has worked through all of them at its measured rate (every live server's full batch over that
+batch's time), plus the time of the batch that holds it. Admission lets the queue hold only as many images as the model
 tier can answer within a share (HEADROOM) of the request's remaining time: the rest of that time
 covers an estimate that lags when the machine slows down, and the answer's way back to the client.
 """
@@ -44,7 +45,8 @@ def batch_time(speed: wire.Speed, size: int) -> float:
 class Estimate:
     """What the live servers' published speeds predict; `known` is False until one has measured a batch."""
 
-    def __init__(self, speeds: Sequence[wire.Speed]) -> None:
+    def __init__(self, speeds: Sequence[wire.Speed], held: int = 0) -> None:
+        self.held = held  # images the servers have taken and not answered: ahead of the whole queue
         self.speeds = [speed for speed in speeds if speed.batch_seconds]
         self.known = bool(self.speeds)
         # Images a second of the whole model tier, each server running full batches.
@@ -53,20 +55,20 @@ class Estimate:
     def wait_s(self, images: int) -> float:
         """Seconds until the last of `images` queued images (the queue ahead and a request's own) is answered.
 
-        The queue drains at the tier's rate; its last batch may land on the slowest server. Counting the
-        own batch's images in both terms makes up for the batch each server is computing already.
+        What the servers hold and the queue drain at the tier's rate; the last batch may land on the
+        slowest server. Its images count in both terms: a batch's images are answered together, at its end.
         """
         if not self.known:
             return 0.0
         last_batch = max(batch_time(s, max(1, min(images, s.batch_size))) for s in self.speeds)
-        return images / self.rate + last_batch
+        return (self.held + images) / self.rate + last_batch
 
     def depth_within(self, budget_s: float) -> int:
         """The most images the queue may hold, a new request's own included, for the last to be answered
         within budget_s; UNBOUNDED while no speed is known."""
         if not self.known:
             return UNBOUNDED
-        low, high = 0, max(1, math.ceil(budget_s * self.rate))  # wait_s(n) >= n / rate
+        low, high = 0, max(1, math.ceil(budget_s * self.rate))  # wait_s(n) > n / rate
         while low < high:  # the largest n with wait_s(n) <= budget_s; wait_s grows with n
             middle = (low + high + 1) // 2
             low, high = (middle, high) if self.wait_s(middle) <= budget_s else (low, middle - 1)
@@ -89,6 +91,12 @@ def limit(estimate: Estimate, remaining_s: float, queue_limit: int) -> Limit:
     """The depth a request with remaining_s left may join: what HEADROOM of that time allows, within QUEUE_LIMIT."""
     allowed = estimate.depth_within(HEADROOM * remaining_s)
     return Limit(allowed, "wait") if allowed < queue_limit else Limit(queue_limit, "queue_limit")
+
+
+def feasible(speeds: Sequence[wire.Speed], images: int, remaining_s: float) -> bool:
+    """Whether an idle model tier (nothing held, nothing queued) could answer `images` in HEADROOM of remaining_s:
+    if not, waiting would not help."""
+    return Estimate(speeds).depth_within(HEADROOM * remaining_s) >= images
 
 
 def retry_after_s(estimate: Estimate, excess: int) -> float:

@@ -86,19 +86,18 @@ class InferenceClient:
 
     def _admission(self, model: ModelState, count: int, deadline: float) -> tuple[Estimate, Limit]:
         """The model tier's estimate and the depth `count` images may join; TimedOut if no depth is short enough."""
-        estimate = Estimate(model.speeds)
         remaining = deadline - self.clock.now()
         if remaining <= 0:
             raise TimedOut()
-        limit = admission.limit(estimate, remaining, self.queue_limit)
-        if limit.cause == "wait" and limit.depth < count:  # waiting would not help: say so, not "retry later"
+        if not admission.feasible(model.speeds, count, remaining):  # waiting would not help: no "retry later"
             metrics.refused(model.keys, "deadline")
-            needs = estimate.wait_s(count)
+            needs = Estimate(model.speeds).wait_s(count)
             raise TimedOut(
-                f"{model.keys.name} needs about {needs * 1000:.0f} ms for {count} image(s) with no queue; "
+                f"{model.keys.name} needs about {needs * 1000:.0f} ms for {count} image(s) even when idle; "
                 f"this request's deadline leaves {remaining * 1000:.0f} ms"
             )
-        return estimate, limit
+        estimate = Estimate(model.speeds, model.held)
+        return estimate, admission.limit(estimate, remaining, self.queue_limit)
 
     def _submit(self, model: ModelState, jobs: list[wire.Job], estimate: Estimate, limit: Limit) -> None:
         """Queue every job in one atomic step that refuses them all when the queue would pass the limit."""
@@ -118,8 +117,9 @@ class InferenceClient:
         if limit.cause == "wait":
             wait_s = estimate.wait_s(queued + count)
             why = (
-                f"{name} is overloaded: {queued} images are queued ahead, about {wait_s:.1f} s of work "
-                f"at {estimate.rate:.0f} images/s, more than this request's deadline allows"
+                f"{name} is overloaded: {queued} images are queued ahead and {estimate.held} in the model servers' "
+                f"hands, about {wait_s:.1f} s of work at {estimate.rate:.0f} images/s, more than this request's "
+                "deadline allows"
             )
         else:
             why = f"{name}'s queue holds its limit of {self.queue_limit} images (QUEUE_LIMIT)"

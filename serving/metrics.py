@@ -107,7 +107,7 @@ class _SharedFigures(Collector):
             labels = [keys.name, str(keys.version)]
             depth.add_metric(labels, state.queued)
             live.add_metric(labels, state.live_servers)
-            estimate = Estimate(state.speeds)
+            estimate = Estimate(state.speeds, state.held)
             if estimate.known:  # no sample rather than a made-up one until a server has measured itself
                 wait.add_metric(labels, estimate.wait_s(state.queued + 1))
             for key, (_, _, bounds) in _HISTOGRAMS.items():

@@ -113,10 +113,24 @@ def test_a_request_the_deadline_does_not_allow_is_refused_at_once_and_nothing_is
     assert response.status_code == 503
     error = response.json["error"]
     assert error["code"] == "overloaded"
-    assert "7 images are queued ahead" in error["message"] and "deadline" in error["message"]
+    assert "7 images are queued ahead and 0 in the model servers' hands" in error["message"]
     assert response.headers["Retry-After"] == "1"  # one image too many, at one a second
     assert r.llen(KEYS.queue) == ALLOWED
     assert refusals(client, "wait") == before + 1
+
+
+def test_images_the_servers_hold_already_count_ahead_of_the_queue(r, make_app):
+    announce(r, ONE_A_SECOND)
+    fill(r, ALLOWED)
+    held = queue.ServerQueue(r, KEYS, "measured").take(slot=0, size=3, wait_s=0, block_s=0.1)  # computing those
+    assert len(held) == 3 and r.llen(KEYS.queue) == ALLOWED - 3
+    client = make_app(request_timeout_s=TIMEOUT_S).test_client()
+
+    response = upload(client, DIGIT)
+
+    assert response.status_code == 503
+    assert "4 images are queued ahead and 3 in the model servers' hands" in response.json["error"]["message"]
+    assert r.llen(KEYS.queue) == ALLOWED - 3
 
 
 def test_once_a_worker_saw_the_queue_full_it_refuses_before_decoding(r, make_app):
