@@ -28,14 +28,20 @@ from settings import Settings
 log = logging.getLogger("web")
 
 
-def create_app(settings: Settings, r: redis.Redis | None = None, readers: redis.Redis | None = None) -> Flask:
-    """The app; `r` for quick commands and `readers` for the inbox's blocking reads (made from REDIS_URL when None)."""
+def create_app(
+    settings: Settings,
+    r: redis.Redis | None = None,
+    readers: redis.Redis | None = None,
+    clock: RedisClock | None = None,
+) -> Flask:
+    """The app; `r` for quick commands and `readers` for the inbox's blocking reads (made from REDIS_URL when None);
+    `clock` reads Redis' time through `r` unless given (tests give one whose host clock is off)."""
     if r is None or readers is None:
         r, readers = connections.for_web_worker(settings.redis_url)
     app = Flask(__name__, static_folder=None)
     app.config["MAX_CONTENT_LENGTH"] = settings.max_upload_bytes
     app.json.sort_keys = False  # keep "success" first, as the contract shows it
-    clock = RedisClock(r)
+    clock = clock or RedisClock(r)
     inference = InferenceClient(r, Inbox(readers), clock, settings.queue_limit)
     app.extensions["serving"] = WebTier(settings, r, clock, Catalog(r, clock, settings.default_model), inference)
     app.register_blueprint(pages)

@@ -6,6 +6,10 @@ Each API renders an ApiError in its own shape (serving.errors), so the rules liv
 
 from __future__ import annotations
 
+import math
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import numpy as np
 from flask import g
 
@@ -51,17 +55,32 @@ def pixels_of(image_file: bytes, info: wire.ModelInfo) -> np.ndarray:
         raise ApiError(400, "invalid_image", f"{exc}; send a JPEG, PNG, GIF, WebP, BMP, TIFF or AVIF file") from None
 
 
-def infer(model: ModelState, pixels: list[np.ndarray], top_k: int | None, deadline: float) -> list[wire.Result]:
+@contextmanager
+def refusals_as_http(timeout_s: float) -> Iterator[None]:
+    """Refused as 503 with Retry-After (whole seconds, at least 1), TimedOut as 504."""
+    try:
+        yield
+    except Refused as exc:
+        headers = {"Retry-After": str(max(1, math.ceil(exc.retry_after_s)))}
+        raise ApiError(503, exc.reason, exc.message, headers) from None
+    except TimedOut as exc:
+        message = exc.message or f"no answer within {timeout_s:g} s; the server is busy, try again later"
+        raise ApiError(504, "timeout", message) from None
+
+
+def admit_early(model: ModelState, count: int, deadline: float, timeout_s: float) -> None:
+    """Refuse at once, before any image is decoded, what this worker already knows cannot be served in time."""
+    with refusals_as_http(timeout_s):
+        tier().inference.refuse_early(model, count, deadline)
+
+
+def infer(
+    model: ModelState, pixels: list[np.ndarray], top_k: int | None, deadline: float, timeout_s: float
+) -> list[wire.Result]:
     """The model tier's results for these images, or the ApiError that says why not."""
     t = tier()
-    try:
+    with refusals_as_http(timeout_s):
         results = t.inference.infer(g.request_id, model, pixels, top_k, deadline)
-    except Refused as exc:
-        headers = {"Retry-After": str(max(1, round(exc.retry_after_s)))}
-        raise ApiError(503, exc.reason, exc.message, headers) from None
-    except TimedOut:
-        timeout = t.settings.request_timeout_s
-        raise ApiError(504, "timeout", f"no answer within {timeout:g} s; the server is busy, try again later") from None
     for result in results:
         if result.error_code == "model_changed":
             # The model was replaced under its name: read what its servers publish now, so the

@@ -20,6 +20,8 @@ _HOW = (
 _MAX_DIGITS = 9
 # What a request may set besides the image, each as a JSON key, a form field or in the query string.
 OPTIONS = ("top_k", "model", "version", "timeout_ms")
+# timeout_ms may come as this header too, for clients that set a deadline on every call the same way.
+TIMEOUT_HEADER = "X-Request-Timeout-Ms"
 
 
 @dataclass(frozen=True)
@@ -124,6 +126,14 @@ def parse_version(raw: object) -> int | None:
     if raw is None or raw == "":
         return None
     return whole_number(raw, "version", 1, 10**_MAX_DIGITS - 1)
+
+
+def parse_timeout(raw_option: object, raw_header: str | None, cap_s: float) -> float:
+    """The request's timeout in seconds: the shortest of timeout_ms, the header and cap_s (REQUEST_TIMEOUT_S,
+    which a request may shorten, never lengthen)."""
+    given = [(raw_option, "timeout_ms"), (raw_header, TIMEOUT_HEADER)]
+    asked = [whole_number(raw, name, 1, 10**_MAX_DIGITS - 1) / 1000 for raw, name in given if raw not in (None, "")]
+    return min([cap_s, *asked])
 
 
 def parse_model(raw: object) -> str | None:

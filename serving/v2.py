@@ -16,7 +16,7 @@ import numpy as np
 from flask import Blueprint, Response, g, jsonify, request
 
 from serving import tensors, wire
-from serving.dispatch import infer, pixels_of, resolve
+from serving.dispatch import admit_early, infer, pixels_of, resolve
 from serving.errors import ApiError
 from serving.upload import b64decode, read_body
 from serving.webtier import public, tier
@@ -86,8 +86,10 @@ def model_infer(name: str, version: str | None = None) -> Response:
     body = _read(read_body(request), request.headers.get(tensors.HEADER_LENGTH))
     model = resolve(name, version)
     wanted = _requested(body, model.info)
-    pixels = _pixels(body.inputs, model.info, deadline)
-    results = infer(model, pixels, wanted.classification or None, deadline)
+    tensor = _input(body.inputs, model.info)
+    admit_early(model, len(tensor.data), deadline, t.settings.request_timeout_s)  # before decoding
+    pixels = _pixels(tensor, model.info, deadline)
+    results = infer(model, pixels, wanted.classification or None, deadline, t.settings.request_timeout_s)
     output = _classes(results, model.info) if wanted.classification else _probabilities(results)
     header = {"model_name": model.keys.name, "model_version": str(model.keys.version), "id": body.id or g.request_id}
     payload, headers = tensors.write_response(header, [(output, bool(wanted.binary))])
@@ -115,8 +117,8 @@ def _requested(body: tensors.InferenceRequest, info: wire.ModelInfo) -> tensors.
     return tensors.RequestedOutput(wanted.name, wanted.classification, binary)
 
 
-def _pixels(inputs: list[tensors.Input], info: wire.ModelInfo, deadline: float) -> list[np.ndarray]:
-    """The images of the request's one input tensor at the model's input size, or a 400 saying what to send."""
+def _input(inputs: list[tensors.Input], info: wire.ModelInfo) -> tensors.Input:
+    """The request's one input tensor, of a datatype and shape the model takes, or a 400 saying what to send."""
     (tensor, *more) = inputs
     datatype, trailing = {IMAGE: ("BYTES", ()), PIXELS: ("UINT8", info.shape)}.get(tensor.name, ("", ()))
     images = tensor.shape[0] if tensor.shape else 0
@@ -125,6 +127,11 @@ def _pixels(inputs: list[tensors.Input], info: wire.ModelInfo, deadline: float) 
         got = ", ".join(f"{i.name!r:.40} {i.datatype} {list(i.shape)}" for i in inputs[:3])
         message = f"send one input, {IMAGE!r} BYTES [N] (image files) or {PIXELS!r} UINT8 {pixels}"
         raise ApiError(400, "bad_request", f"{message}, N from 1 to {MAX_IMAGES}; got {got}")
+    return tensor
+
+
+def _pixels(tensor: tensors.Input, info: wire.ModelInfo, deadline: float) -> list[np.ndarray]:
+    """The input's images at the model's input size."""
     if tensor.datatype == "UINT8":
         return list(tensor.data)
     return [_decoded(n, element, info, deadline) for n, element in enumerate(tensor.data)]
