@@ -1,11 +1,12 @@
 # make run: install the pinned requirements and serve MODEL on PORT (Ctrl-C stops).
 # make test: install the test requirements and run the whole suite (two workers; the process-level tests on one).
 # make bench / make sweep: the side-by-side benchmark and the batching sweep (bench/results/).
+# make bench-overload: goodput, refusals and latency from 0.5x to 10x capacity (bench/results/overload.*).
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: run test lint bench sweep
+.PHONY: run test lint bench sweep bench-overload
 
 run: $(VENV)/.run-deps
 	$(BIN)/python scripts/run.py
@@ -22,6 +23,9 @@ bench: $(VENV)/.test-deps
 
 sweep: $(VENV)/.test-deps
 	$(BIN)/python -m bench.sweep
+
+bench-overload: $(VENV)/.test-deps
+	$(BIN)/python -m bench.overload
 
 $(VENV)/.run-deps: requirements.txt requirements-web.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)

@@ -43,7 +43,10 @@ class Settings:
     batch_wait_ms: int = _setting(0, minimum=0)
 
     request_timeout_s: float = _setting(30.0, minimum=0.001)
-    # A memory cap, not the admission rule: requests are refused by their predicted wait first.
+    # A memory cap, not the admission rule: requests are refused by their predicted wait first
+    # (serving.admission). 10,000 jobs of 224x224x3 are about 2 GB of Redis (200 KB of JSON each);
+    # the deadline stops ResNet50 on a CPU at a few hundred, so only fast models ever reach the cap,
+    # and then with seconds of work queued (the README's tuning guide has the figures).
     queue_limit: int = _setting(10_000, minimum=1)
     top_k: int = _setting(5, minimum=1)
     max_upload_mb: float = _setting(16.0, minimum=0.001)

@@ -544,6 +544,12 @@ def summarize(rec: Recorder, settings: dict[str, Any]) -> dict[str, Any]:
         "duration_s": round(rec.duration, 3),
         "throughput_rps": round(requests / rec.duration, 2),
         "latency_ms": latency_stats(rec.answered),
+        # e.g. how fast refusals (503) come, beside the answers (200): the overload benchmark reads this
+        "latency_ms_by_status": {
+            status: latency_stats([latency for _, latency, outcome in rec.records if outcome == status])
+            for status in sorted(outcomes)
+            if status.isdigit()
+        },
         "answered": len(rec.answered),
         "status_counts": {key: n for key, n in sorted(outcomes.items()) if key.isdigit()},
         # near 100 % of a core means this client, not the server, set the pace

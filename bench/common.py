@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import io
 import json
 import pathlib
@@ -30,6 +31,14 @@ class ModelSpec:
     @property
     def env(self) -> dict[str, str]:
         return {"MODEL": str(self.path), "PREPROCESS": self.preprocess, "LABELS": self.labels}
+
+
+def command_line(doc: str, models: list[str], duration_s: float, per_point: str) -> argparse.ArgumentParser:
+    """The options every benchmark takes: which models, and how long each point lasts."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", nargs="+", default=models)
+    parser.add_argument("--duration", type=float, default=duration_s, help=f"seconds of {per_point} per point")
+    return parser
 
 
 def model_spec(name: str) -> ModelSpec:

@@ -9,7 +9,6 @@ in a closed loop at each concurrency. Writes bench/results/latest.{md,json,png}.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import statistics
@@ -17,7 +16,7 @@ import subprocess
 import sys
 import time
 
-from bench.common import RESULTS, ModelSpec, load_curve, model_spec, our_stack
+from bench.common import RESULTS, ModelSpec, command_line, load_curve, model_spec, our_stack
 from scripts.processes import REPO, free_port, http_ok, start_python, stop, wait_until
 
 CONCURRENCY = (1, 8, 32, 64)
@@ -121,9 +120,7 @@ def plot(results: dict, path: str) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--models", nargs="+", default=["resnet50", "digits"])
-    parser.add_argument("--duration", type=float, default=15.0, help="seconds of load per point")
+    parser = command_line(__doc__, ["resnet50", "digits"], 15.0, "load")
     args = parser.parse_args()
     results = {
         "when": time.strftime("%Y-%m-%d"),

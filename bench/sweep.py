@@ -10,11 +10,10 @@ these tables.
 
 from __future__ import annotations
 
-import argparse
 import json
 import time
 
-from bench.common import RESULTS, ModelSpec, load_curve, model_spec, our_stack
+from bench.common import RESULTS, ModelSpec, command_line, load_curve, model_spec, our_stack
 
 BATCH_SIZES = (1, 4, 8, 16, 32, 64)
 BATCH_SIZE_LOAD = 64  # concurrent clients while sweeping BATCH_SIZE
@@ -72,9 +71,7 @@ def save(name: str, entry: dict) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--models", nargs="+", default=["resnet50", "mobilenet_v2", "digits"])
-    parser.add_argument("--duration", type=float, default=10.0, help="seconds of load per point")
+    parser = command_line(__doc__, ["resnet50", "mobilenet_v2", "digits"], 10.0, "load")
     args = parser.parse_args()
     command = f"python -m bench.sweep --models {' '.join(args.models)} --duration {args.duration:g}"
     for name in args.models:

@@ -2,79 +2,35 @@
 
 from __future__ import annotations
 
-import numpy as np
 import redis
 from flask import Blueprint, Response, g, jsonify, request
 
-from serving import images, metrics
-from serving.catalog import NoModel, NoModelNamed, UnknownModel
-from serving.errors import ApiError
-from serving.inference import Refused, TimedOut
+from serving import metrics
+from serving.dispatch import admit_early, infer, pixels_of, resolve
 from serving.registry import ModelState
-from serving.upload import parse_model, parse_top_k, parse_version, read_image
+from serving.upload import TIMEOUT_HEADER, parse_timeout, parse_top_k, read_image
 from serving.webtier import public, tier
 
 api = Blueprint("api", __name__)
-
-# What a model server's failure code means to a client: HTTP status and the contract's code.
-_FAILURES = {
-    "late": (503, "overloaded"),  # it could not be computed before its deadline
-    "model_changed": (503, "model_changed"),
-    "malformed": (500, "internal"),
-    "model_error": (500, "model_error"),
-}
 
 
 @api.post("/predict")
 def predict() -> Response:
     t = tier()
-    deadline = t.clock.now() + t.settings.request_timeout_s  # from arrival: decoding counts too
+    arrived = t.clock.now()  # the deadline counts from arrival: reading and decoding count too
     upload = read_image(request)
     model = resolve(upload.options.get("model"), upload.options.get("version"))
     info = model.info
     top_k = parse_top_k(upload.options.get("top_k"), t.settings.top_k, info.num_classes)
-    try:
-        pixels = images.decode(upload.image, info.height, info.width, info.channels)
-    except images.InvalidImage as exc:
-        raise ApiError(400, "invalid_image", f"{exc}; send a JPEG, PNG, GIF, WebP, BMP, TIFF or AVIF file") from None
-    (result,) = infer(model, [pixels], top_k, deadline)
+    asked = upload.options.get("timeout_ms"), request.headers.get(TIMEOUT_HEADER)
+    timeout_s = parse_timeout(*asked, t.settings.request_timeout_s)
+    deadline = arrived + timeout_s
+    admit_early(model, 1, deadline, timeout_s)  # before decoding, the expensive part: refusals stay cheap
+    (result,) = infer(model, [pixels_of(upload.image, info)], top_k, deadline, timeout_s)
     predictions = [{"label": info.labels[i], "probability": p} for i, p in result.top]
-    return jsonify(success=True, request_id=g.request_id, model=info.name, predictions=predictions)
-
-
-def resolve(raw_model: object, raw_version: object) -> ModelState:
-    """The model version a request goes to, with its info; a 4xx or 503 saying why there is none."""
-    try:
-        model = tier().catalog.resolve(parse_model(raw_model), parse_version(raw_version))
-    except UnknownModel as exc:
-        raise ApiError(404, "unknown_model", str(exc)) from None
-    except NoModelNamed as exc:
-        raise ApiError(400, "bad_request", str(exc)) from None
-    except NoModel as exc:
-        raise ApiError(503, "unavailable", str(exc), {"Retry-After": "1"}) from None
-    if model.info is None:
-        message = f"{model.keys.name} has published nothing readable yet"
-        raise ApiError(503, "unavailable", message, {"Retry-After": "1"})
-    return model
-
-
-def infer(model: ModelState, pixels: list[np.ndarray], top_k: int | None, deadline: float) -> list:
-    """The model tier's results for these images, or the ApiError that says why not."""
-    t = tier()
-    try:
-        results = t.inference.infer(g.request_id, model, pixels, top_k, deadline)
-    except Refused as exc:
-        headers = {"Retry-After": str(max(1, round(exc.retry_after_s)))}
-        raise ApiError(503, exc.reason, exc.message, headers) from None
-    except TimedOut:
-        timeout = t.settings.request_timeout_s
-        raise ApiError(504, "timeout", f"no answer within {timeout:g} s; the server is busy, try again later") from None
-    for result in results:
-        if result.error_code:
-            status, code = _FAILURES.get(result.error_code, (500, "model_error"))
-            headers = {"Retry-After": "1"} if status == 503 else {}
-            raise ApiError(status, code, f"{model.keys.name}: {result.error}", headers)
-    return results
+    response = jsonify(success=True, request_id=g.request_id, model=info.name, predictions=predictions)
+    response.headers["X-Model-Version"] = str(model.keys.version)  # which version answered, e.g. in a rollout
+    return response
 
 
 @api.get("/models")
@@ -107,7 +63,7 @@ def health() -> Response:
 @public
 def ready() -> tuple[Response, int]:
     try:
-        states = tier().catalog.states(max_age_s=0)  # the truth now, not the cache requests are routed by
+        states = tier().catalog.read()
     except redis.RedisError as exc:
         return jsonify(ready=False, reason=f"redis does not answer: {exc}"), 503
     servers = sum(state.live_servers for state in states)

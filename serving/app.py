@@ -14,7 +14,7 @@ import uuid
 import redis
 from flask import Flask, Response, current_app, g, request
 
-from serving import connections, errors, logs, metrics
+from serving import connections, errors, logs, metrics, v2
 from serving.api import api
 from serving.catalog import Catalog
 from serving.clock import RedisClock
@@ -28,19 +28,26 @@ from settings import Settings
 log = logging.getLogger("web")
 
 
-def create_app(settings: Settings, r: redis.Redis | None = None, readers: redis.Redis | None = None) -> Flask:
-    """The app; `r` for quick commands and `readers` for the inbox's blocking reads (made from REDIS_URL when None)."""
+def create_app(
+    settings: Settings,
+    r: redis.Redis | None = None,
+    readers: redis.Redis | None = None,
+    clock: RedisClock | None = None,
+) -> Flask:
+    """The app; `r` for quick commands and `readers` for the inbox's blocking reads (made from REDIS_URL when None);
+    `clock` reads Redis' time through `r` unless given (tests give one whose host clock is off)."""
     if r is None or readers is None:
         r, readers = connections.for_web_worker(settings.redis_url)
     app = Flask(__name__, static_folder=None)
     app.config["MAX_CONTENT_LENGTH"] = settings.max_upload_bytes
     app.json.sort_keys = False  # keep "success" first, as the contract shows it
-    clock = RedisClock(r)
+    clock = clock or RedisClock(r)
     inference = InferenceClient(r, Inbox(readers), clock, settings.queue_limit)
     app.extensions["serving"] = WebTier(settings, r, clock, Catalog(r, clock, settings.default_model), inference)
     app.register_blueprint(pages)
     app.register_blueprint(api)
-    errors.register(app, settings.max_upload_mb)
+    app.register_blueprint(v2.v2)
+    errors.register(app, settings.max_upload_mb, {v2.PREFIX: v2.error_shape})
     app.before_request(_start)
     app.before_request(_authorize)
     app.after_request(_finish)
@@ -68,7 +75,8 @@ def _authorize() -> None:
 def _finish(response: Response) -> Response:
     response.headers["X-Request-ID"] = g.request_id
     elapsed = time.monotonic() - g.started
-    metrics.observe_request(request.url_rule.rule if request.url_rule else "other", response.status_code, elapsed)
+    route = request.url_rule.rule if request.url_rule else "other"
+    metrics.observe_request(route, response.status_code, elapsed, g.get("model"))
     logs.event(
         log,
         "request",
@@ -77,5 +85,6 @@ def _finish(response: Response) -> Response:
         path=request.path,
         status=response.status_code,
         ms=round(elapsed * 1000, 1),
+        model=g.model.member if g.get("model") else "",  # the model version chosen for it, as name:version
     )
     return response

@@ -32,22 +32,37 @@ class NoModel(LookupError):
 
 
 class Catalog:
-    def __init__(self, r: redis.Redis, clock: RedisClock, default_model: str = "") -> None:
+    def __init__(
+        self, r: redis.Redis, clock: RedisClock, default_model: str = "", refresh_s: float = REFRESH_S
+    ) -> None:
         self.r = r
         self.clock = clock
         self.default_model = default_model
+        self.refresh_s = refresh_s
         self._states: list[ModelState] = []
-        self._read_at = -REFRESH_S
+        self._read_at: float | None = None  # None: read on the next look
         self._lock = threading.Lock()
 
-    def states(self, max_age_s: float = REFRESH_S) -> list[ModelState]:
-        """Every known model version, sorted by name then version, as read at most max_age_s ago."""
-        if time.monotonic() - self._read_at > max_age_s:
+    def states(self) -> list[ModelState]:
+        """Every known model version, sorted by name then version, as read within refresh_s."""
+        if self._stale():
             with self._lock:
-                if time.monotonic() - self._read_at > max_age_s:
-                    self._states = [registry.state(self.r, k) for k in registry.known_models(self.r, self.clock.now())]
-                    self._read_at = time.monotonic()
+                if self._stale():
+                    self.read()
         return self._states
+
+    def read(self) -> list[ModelState]:
+        """The same, read from Redis now (readiness checks must see Redis down at once); raises redis.RedisError."""
+        self._states = [registry.state(self.r, k) for k in registry.known_models(self.r, self.clock.now())]
+        self._read_at = time.monotonic()
+        return self._states
+
+    def forget(self) -> None:
+        """Read the registry again on the next look, e.g. once a model turned out to be replaced."""
+        self._read_at = None
+
+    def _stale(self) -> bool:
+        return self._read_at is None or time.monotonic() - self._read_at > self.refresh_s
 
     def names(self) -> list[str]:
         return sorted({state.keys.name for state in self.states()})
@@ -57,15 +72,18 @@ class Catalog:
 
         Raises UnknownModel, NoModelNamed or NoModel; the state's info may still be None.
         """
-        name = name or self._default_name()
-        versions = [state for state in self.states() if state.keys.name == name]
+        wanted = name or self._default_name()
+        versions = [state for state in self.states() if state.keys.name == wanted]
+        if not versions and not name:  # DEFAULT_MODEL names a model none of whose servers has started
+            raise NoModel(f"the default model {wanted!r} has no model server yet; try again shortly")
         if not versions:
-            raise UnknownModel(f"no model named {name!r} is served; the models are: {', '.join(self.names())}")
+            served = ", ".join(self.names()) or "none yet"
+            raise UnknownModel(f"no model named {wanted!r} is served; the models are: {served}")
         if version is not None:
             chosen = [state for state in versions if state.keys.version == version]
             if not chosen:
                 served = ", ".join(str(state.keys.version) for state in versions)
-                raise UnknownModel(f"model {name!r} has no version {version}; its versions are: {served}")
+                raise UnknownModel(f"model {wanted!r} has no version {version}; its versions are: {served}")
             return chosen[0]
         live = [state for state in versions if state.ready]
         return (live or versions)[-1]

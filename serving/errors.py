@@ -1,11 +1,16 @@
-"""The web tier's errors, answered as the contract's JSON: {"success": false, "error": {code, message}}."""
+"""The web tier's errors, answered as the contract's JSON: {"success": false, "error": {code, message}}.
+
+Routes under a prefix with a protocol of its own answer in that protocol's shape instead (the Open
+Inference Protocol's {"error": message} under /v2), whatever raised the error, routing included.
+"""
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable, Mapping
 
 import redis
-from flask import Flask, Response, g, jsonify
+from flask import Flask, Response, g, jsonify, request
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
 log = logging.getLogger("web")
@@ -20,15 +25,25 @@ class ApiError(Exception):
         self.headers = headers or {}
 
 
-def error_response(status: int, code: str, message: str, headers: dict | None = None) -> Response:
-    response = jsonify(success=False, error={"code": code, "message": message})
-    response.status_code = status
-    response.headers.update(headers or {})
-    return response
+# (code, message) -> the JSON body of an error answer.
+Shape = Callable[[str, str], dict]
 
 
-def register(app: Flask, max_upload_mb: float) -> None:
-    """Every error, whatever raised it, leaves the app as contract JSON; none as an HTML page."""
+def contract_shape(code: str, message: str) -> dict:
+    return {"success": False, "error": {"code": code, "message": message}}
+
+
+def register(app: Flask, max_upload_mb: float, shapes: Mapping[str, Shape] | None = None) -> None:
+    """Every error, whatever raised it, leaves the app as JSON, none as an HTML page: in the shape of
+    `shapes` for a path under one of its prefixes, else in the contract's."""
+
+    def error_response(status: int, code: str, message: str, headers: dict | None = None) -> Response:
+        path = request.path
+        under = (shape for prefix, shape in (shapes or {}).items() if path == prefix or path.startswith(f"{prefix}/"))
+        response = jsonify(next(under, contract_shape)(code, message))
+        response.status_code = status
+        response.headers.update(headers or {})
+        return response
 
     @app.errorhandler(ApiError)
     def _api_error(exc: ApiError) -> Response:

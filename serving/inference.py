@@ -1,21 +1,29 @@
-"""The web tier's way to the model tier: queue a request's images for one model and wait for their answers.
+"""The web tier's way to the model tier: admit a request's images for one model, queue them, wait for their answers.
 
 Knows nothing of HTTP: it raises Refused or TimedOut, and the routes turn those into answers.
+Admission (serving.admission) refuses a request whose answer the model tier could not deliver
+before its deadline: once cheaply from what this worker already knows (refuse_early, before the
+image is decoded), and then for certain in the same atomic step that queues it.
 """
 
 from __future__ import annotations
 
+import math
+import time
+
 import numpy as np
 import redis
 
-from serving import queue, wire
+from serving import admission, metrics, queue, wire
+from serving.admission import Estimate, Limit
+from serving.catalog import REFRESH_S
 from serving.clock import RedisClock
 from serving.registry import ModelState
 from serving.results import Inbox
 
 
 class Refused(Exception):
-    """Not queued: `reason` is "overloaded" (with a retry_after_s) or "unavailable"."""
+    """Not queued: `reason` is the contract's code, "overloaded" (with a retry_after_s) or "unavailable"."""
 
     def __init__(self, reason: str, message: str, retry_after_s: float = 1.0) -> None:
         super().__init__(message)
@@ -23,7 +31,11 @@ class Refused(Exception):
 
 
 class TimedOut(Exception):
-    """The deadline passed before every answer came."""
+    """The deadline passed before every answer came, or `message` says why no answer could come in time."""
+
+    def __init__(self, message: str = "") -> None:
+        super().__init__(message)
+        self.message = message
 
 
 class InferenceClient:
@@ -32,6 +44,27 @@ class InferenceClient:
         self.inbox = inbox
         self.clock = clock
         self.queue_limit = queue_limit
+        # Per model: the queue depth this worker last saw (in a submit's answer) and when, on time.monotonic().
+        self._seen: dict[wire.ModelKeys, tuple[int, float]] = {}
+
+    def refuse_early(self, model: ModelState, count: int, deadline: float) -> None:
+        """Raise Refused or TimedOut when what this worker knows already shows that `count` images cannot be
+        answered by `deadline`; costs no round trip, so a refusal is cheap.
+
+        The queue is taken as what this worker last saw minus what the model tier has answered since at
+        its measured rate: other workers' arrivals only add to it, so this refuses nothing the queue
+        itself would accept. Without a published speed there is no such guess, and nothing is refused here.
+        """
+        estimate, limit = self._admission(model, count, deadline)
+        if not estimate.known:
+            return
+        depth, seen_at = self._seen.get(model.keys, (model.queued, time.monotonic() - REFRESH_S))
+        queued = max(0, depth - estimate.drained(time.monotonic() - seen_at))
+        if queued + count > limit.depth:
+            raise self._refusal(model, estimate, limit, queued, count)
+        # Counted as queued until its submit says what the queue really holds, so that the requests this
+        # worker lets through meanwhile do not all count on the same room.
+        self._seen[model.keys] = (queued + count, time.monotonic())
 
     def infer(
         self, request_id: str, model: ModelState, images: list[np.ndarray], top_k: int | None, deadline: float
@@ -43,16 +76,51 @@ class InferenceClient:
         ids = [request_id] if len(images) == 1 else [f"{request_id}/{n}" for n in range(len(images))]
         reply_to = self.inbox.worker_id
         jobs = [wire.Job(i, reply_to, pixels, deadline, top_k) for i, pixels in zip(ids, images, strict=True)]
+        estimate, limit = self._admission(model, len(jobs), deadline)
         with self.inbox.expect(model.keys, ids) as expected:
-            self._submit(model, jobs)
+            self._submit(model, jobs, estimate, limit)
             results = expected.wait(deadline - self.clock.now())
         if len(results) < len(ids):
             raise TimedOut()
         return [results[i] for i in ids]
 
-    def _submit(self, model: ModelState, jobs: list[wire.Job]) -> None:
-        status, _ = queue.submit(self.r, model.keys, jobs, self.queue_limit)
+    def _admission(self, model: ModelState, count: int, deadline: float) -> tuple[Estimate, Limit]:
+        """The model tier's estimate and the depth `count` images may join; TimedOut if no depth is short enough."""
+        remaining = deadline - self.clock.now()
+        if remaining <= 0:
+            raise TimedOut()
+        if not admission.feasible(model.speeds, count, remaining):  # waiting would not help: no "retry later"
+            metrics.refused(model.keys, "deadline")
+            needs = Estimate(model.speeds).wait_s(count)
+            raise TimedOut(
+                f"{model.keys.name} needs about {needs * 1000:.0f} ms for {count} image(s) even when idle; "
+                f"this request's deadline leaves {remaining * 1000:.0f} ms"
+            )
+        estimate = Estimate(model.speeds, model.held)
+        return estimate, admission.limit(estimate, remaining, self.queue_limit)
+
+    def _submit(self, model: ModelState, jobs: list[wire.Job], estimate: Estimate, limit: Limit) -> None:
+        """Queue every job in one atomic step that refuses them all when the queue would pass the limit."""
+        status, depth = queue.submit(self.r, model.keys, jobs, limit.depth)
+        self._seen[model.keys] = (depth + (len(jobs) if status is queue.Submitted.QUEUED else 0), time.monotonic())
         if status is queue.Submitted.FULL:
-            raise Refused("overloaded", f"{model.keys.name} is at capacity; retry after a second")
+            raise self._refusal(model, estimate, limit, depth, len(jobs))
         if status is queue.Submitted.NO_SERVER:
+            metrics.refused(model.keys, "no_server")
             raise Refused("unavailable", f"no model server of {model.keys.name} is running; try again later")
+
+    def _refusal(self, model: ModelState, estimate: Estimate, limit: Limit, queued: int, count: int) -> Refused:
+        """The 503 for `count` images that would pass `limit` behind `queued`, saying truthfully which rule refused."""
+        metrics.refused(model.keys, limit.cause)
+        retry_s = math.ceil(admission.retry_after_s(estimate, queued + count - limit.depth))
+        name = model.keys.name
+        if limit.cause == "wait":
+            wait_s = estimate.wait_s(queued + count)
+            why = (
+                f"{name} is overloaded: {queued} images are queued ahead and {estimate.held} in the model servers' "
+                f"hands, about {wait_s:.1f} s of work at {estimate.rate:.0f} images/s, more than this request's "
+                "deadline allows"
+            )
+        else:
+            why = f"{name}'s queue holds its limit of {self.queue_limit} images (QUEUE_LIMIT)"
+        return Refused("overloaded", f"{why}; retry after {max(1, retry_s)} s", retry_s)

@@ -16,17 +16,29 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, generate_la
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
 
-from serving import queue, registry, wire
+from serving import registry, wire
+from serving.admission import Estimate
 from serving.clock import RedisClock
 
 # `route` is the matched URL rule, never the raw path, so random URLs cannot grow the label set.
 REQUESTS = Counter("serving_requests_total", "HTTP requests answered, by route and status", ["route", "status"])
+# Inference requests by the model version they went to ("" when none was chosen, e.g. a bad upload).
 LATENCY = Histogram(
     "serving_request_seconds",
-    "Time to answer POST /predict, by status",
-    ["status"],
+    "Time to answer an inference request (POST /predict, or the Open Inference Protocol's infer)",
+    ["route", "model", "version", "status"],
     buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
 )
+# Requests the web tier turned away before queueing them; `reason` is one of REFUSALS' keys.
+REFUSED = Counter(
+    "serving_refused_total", "Requests refused at admission, before queueing, by reason", ["model", "version", "reason"]
+)
+REFUSALS = {
+    "wait": "503 overloaded: the predicted wait is longer than the request's deadline allows",
+    "queue_limit": "503 overloaded: the queue holds QUEUE_LIMIT images (the memory cap)",
+    "no_server": "503 unavailable: no model server has been alive for NO_SERVER_GRACE_S",
+    "deadline": "504 timeout: even with an empty queue the answer could not come before the deadline",
+}
 
 BATCH_SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 MODEL_SECONDS_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
@@ -82,31 +94,46 @@ class _SharedFigures(Collector):
             return
         yield GaugeMetricFamily("serving_redis_up", "Whether Redis answered this scrape", value=1)
         depth = GaugeMetricFamily("serving_queue_depth", "Images waiting in the queue", labels=_LABELS)
+        wait = GaugeMetricFamily(
+            "serving_wait_estimate_seconds",
+            "Predicted wait of a new one-image request, from the servers' published speeds and the queue",
+            labels=_LABELS,
+        )
         live = GaugeMetricFamily("serving_model_servers", "Model servers with a live heartbeat", labels=_LABELS)
         families = {
             key: HistogramMetricFamily(name, doc, labels=_LABELS) for key, (name, doc, _) in _HISTOGRAMS.items()
         }
         counters = {key: CounterMetricFamily(f"serving_{key}", doc, labels=_LABELS) for key, doc in COUNTERS.items()}
-        for keys, (stats, queued, servers) in models.items():
+        for keys, (stats, state) in models.items():
             labels = [keys.name, str(keys.version)]
-            depth.add_metric(labels, queued)
-            live.add_metric(labels, servers)
+            depth.add_metric(labels, state.queued)
+            live.add_metric(labels, state.live_servers)
+            estimate = Estimate(state.speeds, state.held)
+            if estimate.known:  # no sample rather than a made-up one until a server has measured itself
+                wait.add_metric(labels, estimate.wait_s(state.queued + 1))
             for key, (_, _, bounds) in _HISTOGRAMS.items():
                 buckets = [(str(le), stats.get(f"{key}:{le}", 0.0)) for le in (*bounds, "+Inf")]
                 families[key].add_metric(labels, buckets, sum_value=stats.get(f"{key}:sum", 0.0))
             for key in COUNTERS:
                 counters[key].add_metric(labels, stats.get(key, 0.0))
-        yield from (depth, live, *families.values(), *counters.values())
+        yield from (depth, live, wait, *families.values(), *counters.values())
 
-    def _read(self, keys: wire.ModelKeys) -> tuple[dict[str, float], int, int]:
+    def _read(self, keys: wire.ModelKeys) -> tuple[dict[str, float], registry.ModelState]:
         stats = {k.decode(): float(v) for k, v in self.r.hgetall(keys.stats).items()}
-        return stats, queue.depth(self.r, keys), registry.state(self.r, keys).live_servers
+        return stats, registry.state(self.r, keys)
 
 
-def observe_request(route: str, status: int, seconds: float) -> None:
+def refused(keys: wire.ModelKeys, reason: str) -> None:
+    if reason not in REFUSALS:
+        raise ValueError(f"no refusal reason {reason!r}")
+    REFUSED.labels(model=keys.name, version=str(keys.version), reason=reason).inc()
+
+
+def observe_request(route: str, status: int, seconds: float, model: wire.ModelKeys | None = None) -> None:
     REQUESTS.labels(route=route, status=str(status)).inc()
-    if route == "/predict":
-        LATENCY.labels(status=str(status)).observe(seconds)
+    if route == "/predict" or route.endswith("/infer"):
+        name, version = (model.name, str(model.version)) if model else ("", "")
+        LATENCY.labels(route=route, model=name, version=version, status=str(status)).observe(seconds)
 
 
 def render(r: redis.Redis, clock: RedisClock) -> bytes:
@@ -115,7 +142,7 @@ def render(r: redis.Redis, clock: RedisClock) -> bytes:
     if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
         multiprocess.MultiProcessCollector(collected)
     else:  # a plain WSGI server in one process
-        collected.register(REQUESTS)
-        collected.register(LATENCY)
+        for metric in (REQUESTS, LATENCY, REFUSED):
+            collected.register(metric)
     collected.register(_SharedFigures(r, clock))
     return generate_latest(collected)

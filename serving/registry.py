@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import redis
 
 from serving import wire
+from serving.queue import INFLIGHT_SLOTS
 
 # A model version no server has announced for this long is forgotten: 404 instead of 503.
 MODEL_RETENTION_S = 24 * 3600.0
@@ -67,6 +68,7 @@ class ModelState:
     alive: bool  # some server beat within NO_SERVER_GRACE_S
     queued: int  # jobs waiting in its queue
     speeds: tuple[wire.Speed, ...]  # of its live servers
+    held: int = 0  # jobs its live servers have taken and not answered yet: ahead of the whole queue
 
     @property
     def ready(self) -> bool:
@@ -94,16 +96,18 @@ def state(r: redis.Redis, keys: wire.ModelKeys) -> ModelState:
     pipe.hgetall(keys.speeds)
     raw_info, server_ids, alive, queued, raw_speeds = pipe.execute()
     ids = sorted(i.decode() for i in server_ids)
-    beating = [bool(n) for n in _each_exists(r, [keys.heartbeat(i) for i in ids])]
+    beating = [bool(n) for n in _each(r, "exists", [keys.heartbeat(i) for i in ids])]
     live_ids = [i for i, beats in zip(ids, beating, strict=True) if beats]
     speeds = tuple(s for i in live_ids if (s := _speed(raw_speeds.get(i.encode()))) is not None)
-    return ModelState(keys, _info(raw_info, keys), len(live_ids), bool(alive), queued, speeds)
+    held = sum(_each(r, "llen", [keys.inflight(i, slot) for i in live_ids for slot in range(INFLIGHT_SLOTS)]))
+    return ModelState(keys, _info(raw_info, keys), len(live_ids), bool(alive), queued, speeds, held)
 
 
-def _each_exists(r: redis.Redis, names: list[str]) -> list[int]:
+def _each(r: redis.Redis, command: str, names: list[str]) -> list[int]:
+    """One command ("exists", "llen") on each key, in one round trip."""
     pipe = r.pipeline(transaction=False)
     for name in names:
-        pipe.exists(name)
+        getattr(pipe, command)(name)
     return pipe.execute() if names else []
 
 

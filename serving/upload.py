@@ -20,6 +20,8 @@ _HOW = (
 _MAX_DIGITS = 9
 # What a request may set besides the image, each as a JSON key, a form field or in the query string.
 OPTIONS = ("top_k", "model", "version", "timeout_ms")
+# timeout_ms may come as this header too, for clients that set a deadline on every call the same way.
+TIMEOUT_HEADER = "X-Request-Timeout-Ms"
 
 
 @dataclass(frozen=True)
@@ -59,9 +61,15 @@ def _what_came(request: Request) -> str:
     return f"received a {request.mimetype or 'untyped'} body with no form fields"
 
 
-def _from_json(request: Request) -> Upload:
-    request.get_data()  # read and cache the body, so a cut-off one is caught before parsing
+def read_body(request: Request) -> bytes:
+    """The whole body, read and cached (so a cut-off one is caught before parsing), or 413 when over the limit."""
+    data = request.get_data()
     _refuse_cut_off_body(request)
+    return data
+
+
+def _from_json(request: Request) -> Upload:
+    read_body(request)
     try:
         body = request.get_json(silent=True)  # None for invalid JSON or UTF-8
     except RecursionError:  # deeply nested arrays: not a ValueError, so silent=True lets it out
@@ -75,7 +83,7 @@ def _from_json(request: Request) -> Upload:
         )
     if not isinstance(encoded, str):
         raise ApiError(400, "bad_request", '"image" must be a string holding the base64 of the image file')
-    return Upload(_b64decode(encoded), _options(body, request.args))
+    return Upload(b64decode(encoded), _options(body, request.args))
 
 
 def _refuse_cut_off_body(request: Request) -> None:
@@ -91,7 +99,8 @@ def _refuse_cut_off_body(request: Request) -> None:
             raise RequestEntityTooLarge()
 
 
-def _b64decode(encoded: str) -> bytes:
+def b64decode(encoded: str) -> bytes:
+    """An image file sent as base64 (or a data: URL), or a 400 saying why it is none."""
     if encoded.startswith("data:") and "," in encoded:  # a data URL straight from a browser
         encoded = encoded.split(",", 1)[1]
     compact = "".join(encoded.split())  # line breaks, as base64 tools write them
@@ -117,6 +126,14 @@ def parse_version(raw: object) -> int | None:
     if raw is None or raw == "":
         return None
     return whole_number(raw, "version", 1, 10**_MAX_DIGITS - 1)
+
+
+def parse_timeout(raw_option: object, raw_header: str | None, cap_s: float) -> float:
+    """The request's timeout in seconds: the shortest of timeout_ms, the header and cap_s (REQUEST_TIMEOUT_S,
+    which a request may shorten, never lengthen)."""
+    given = [(raw_option, "timeout_ms"), (raw_header, TIMEOUT_HEADER)]
+    asked = [whole_number(raw, name, 1, 10**_MAX_DIGITS - 1) / 1000 for raw, name in given if raw not in (None, "")]
+    return min([cap_s, *asked])
 
 
 def parse_model(raw: object) -> str | None:

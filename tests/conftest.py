@@ -6,7 +6,7 @@ Tests about processes (signals, SIGKILL, outages, gunicorn) start real ones with
 
 from __future__ import annotations
 
-import functools
+import contextlib
 import io
 import pathlib
 import threading
@@ -22,7 +22,6 @@ import requests
 from flask import Flask
 from flask.testing import FlaskClient
 from PIL import Image
-from werkzeug.serving import make_server
 from werkzeug.test import TestResponse
 
 from scripts.processes import REPO, Stack, free_port, start_redis, stop
@@ -30,6 +29,7 @@ from serving import connections, wire, zoo
 from serving.app import create_app
 from serving.modelserver import Batch, ModelServer
 from settings import Settings
+from tests.live_server import serving
 
 # In-process model servers notice a stop this soon (the session's Redis checks timeouts at 100 Hz).
 TEST_BLOCK_S = 0.05
@@ -81,7 +81,7 @@ class ModelServers:
         self.redis_url = redis_url
         self.settings = settings.replace(redis_url=redis_url)
         self.batches: list[Batch] = []
-        self.by_server: dict[str, list[Batch]] = {}  # server id -> its batches
+        self.batches_of: dict[str, list[Batch]] = {}  # by server id
         self._running: list[tuple[ModelServer, threading.Thread]] = []
 
     def start(self, servable: zoo.Servable, **changes: object) -> ModelServer:
@@ -89,18 +89,18 @@ class ModelServers:
         r = connections.connect(self.redis_url, socket_timeout=10)
         settings = self.settings.replace(**changes)
         server_id = uuid.uuid4().hex
-        self.by_server[server_id] = []
-        record = functools.partial(self._record, server_id)
+        own = self.batches_of.setdefault(server_id, [])
+
+        def record(batch: Batch) -> None:
+            self.batches.append(batch)
+            own.append(batch)
+
         server = ModelServer(servable, r, settings, server_id, on_batch=record, block_s=TEST_BLOCK_S)
         thread = threading.Thread(target=server.run, name=f"model server {server_id}", daemon=True)
         thread.start()
         assert server.started.wait(30), "the model server did not start"
         self._running.append((server, thread))
         return server
-
-    def _record(self, server_id: str, batch: Batch) -> None:
-        self.by_server[server_id].append(batch)
-        self.batches.append(batch)
 
     @property
     def computed(self) -> list[str]:
@@ -217,20 +217,8 @@ def assert_rejected(
 @pytest.fixture
 def serve_http() -> Iterator[Callable[[Flask], str]]:
     """serve_http(app) -> the base URL of a real HTTP server (werkzeug's, threaded) running the app."""
-    servers = []
-
-    def serve(app: Flask) -> str:
-        server = make_server("127.0.0.1", 0, app, threaded=True)
-        thread = threading.Thread(target=server.serve_forever, args=(0.05,), name="http", daemon=True)
-        thread.start()
-        servers.append((server, thread))
-        return f"http://127.0.0.1:{server.server_port}"
-
-    yield serve
-    for server, thread in servers:
-        server.shutdown()
-        thread.join(10)
-        server.server_close()
+    with contextlib.ExitStack() as servers:
+        yield lambda app: servers.enter_context(serving(app))
 
 
 @pytest.fixture
@@ -319,3 +307,35 @@ def slow_model_file(tmp_path_factory: pytest.TempPathFactory) -> pathlib.Path:
     path = tmp_path_factory.mktemp("slow") / "slow.keras"
     model.save(path)
     return path
+
+
+COLOURS = ("red", "green", "blue")
+
+
+@pytest.fixture(scope="session")
+def colours_file(tmp_path_factory: pytest.TempPathFactory) -> tuple[pathlib.Path, pathlib.Path]:
+    """A second model, on another input shape than digits: the dominant colour of a 16x16 RGB image.
+
+    Built, not trained: the mean of each channel, scaled, into a softmax. Returns (model file, labels file).
+    """
+    import keras
+
+    model = keras.Sequential(
+        [keras.Input((16, 16, 3)), keras.layers.GlobalAveragePooling2D(), keras.layers.Dense(3, activation="softmax")]
+    )
+    model.layers[-1].set_weights([np.eye(3, dtype=np.float32) * 0.05, np.zeros(3, np.float32)])
+    folder = tmp_path_factory.mktemp("colours")
+    model.save(folder / "colours.keras")
+    (folder / "colours.txt").write_text("\n".join(COLOURS) + "\n")
+    return folder / "colours.keras", folder / "colours.txt"
+
+
+@pytest.fixture(scope="session")
+def colours(colours_file: tuple[pathlib.Path, pathlib.Path]) -> zoo.KerasServable:
+    model, labels = colours_file
+    return zoo.load(str(model), labels=str(labels), name="colours")
+
+
+def solid(colour: tuple[int, int, int], size: int = 16) -> np.ndarray:
+    """An image of one colour, size x size RGB."""
+    return np.tile(np.array(colour, np.uint8), (size, size, 1))

@@ -35,6 +35,7 @@ from settings import Settings
 REPO = pathlib.Path(__file__).resolve().parent.parent
 COMPOSE = REPO / "docker-compose.yml"
 COMPOSE_GPU = REPO / "docker-compose.gpu.yml"
+COMPOSE_MODELS = REPO / "docker-compose.models.yml"
 DOCKERIGNORE = REPO / ".dockerignore"
 TIERS = ("web", "model")  # the compose services built from this repo
 
@@ -371,13 +372,18 @@ def covered(relative: str, copied: list[str]) -> bool:
     return any(relative == src or relative.startswith(src.rstrip("/") + "/") for src in copied)
 
 
-STACKS = {"cpu": (COMPOSE,), "gpu": (COMPOSE, COMPOSE_GPU)}
+STACKS = {"cpu": (COMPOSE,), "gpu": (COMPOSE, COMPOSE_GPU), "models": (COMPOSE, COMPOSE_MODELS)}
+
+
+def built(project: dict) -> list[str]:
+    """The services built from this repo: TIERS, and the two-model example's second model service."""
+    return [name for name, service in project["services"].items() if "build" in service]
 
 
 # ---------------------------------------------------------------- the tests
 
 
-@pytest.mark.parametrize("path", [COMPOSE, COMPOSE_GPU], ids=lambda p: p.name)
+@pytest.mark.parametrize("path", [COMPOSE, COMPOSE_GPU, COMPOSE_MODELS], ids=lambda p: p.name)
 def test_each_compose_file_matches_the_compose_specification(path):
     assert schema_errors(load_yaml(path)) == []
 
@@ -386,7 +392,7 @@ def test_each_compose_file_matches_the_compose_specification(path):
 def test_the_interpolated_stack_matches_the_compose_specification(variant):
     project, _ = stack(*STACKS[variant])
     assert schema_errors(project) == []
-    assert set(project["services"]) == {"redis", *TIERS}
+    assert set(project["services"]) == {"redis", *built(project)} and set(TIERS) <= set(built(project))
 
 
 def test_the_schema_check_catches_mistakes():
@@ -409,14 +415,14 @@ def test_redis_is_health_checked_and_not_published():
 @pytest.mark.parametrize("variant", STACKS)
 def test_tiers_wait_for_a_healthy_redis_and_can_scale(variant):
     services = stack(*STACKS[variant])[0]["services"]
-    for tier in TIERS:
+    for tier in built(stack(*STACKS[variant])[0]):
         service = services[tier]
         assert service["depends_on"]["redis"]["condition"] == "service_healthy", tier
         assert "container_name" not in service, f"{tier}: a fixed container name stops --scale"
         redis_url = as_mapping(service["environment"])["REDIS_URL"]
         assert urlparse(redis_url).hostname in services, f"{tier}: REDIS_URL must name the compose service"
         assert duration_s(service["stop_grace_period"]) > 10, f"{tier}: SIGTERM needs time to finish work"
-    assert "ports" not in services["model"] and "expose" not in services["model"]
+        assert tier == "web" or ("ports" not in service and "expose" not in service), tier
 
 
 def test_the_web_tier_publishes_its_port_and_checks_health(make_app, serve_http):
@@ -453,7 +459,7 @@ def test_every_variable_is_a_setting_and_each_tier_gets_the_settings_it_reads(va
     project, interpolated = stack(*STACKS[variant])
     known = settings_defaults().keys()
     assert interpolated <= known, f"compose interpolates variables that are not settings: {interpolated - known}"
-    for tier in TIERS:
+    for tier in built(project):
         service = project["services"][tier]
         environment = as_mapping(service["environment"])
         unknown = environment.keys() - known - THIRD_PARTY_ENV.keys()
@@ -468,7 +474,7 @@ def test_every_variable_is_a_setting_and_each_tier_gets_the_settings_it_reads(va
 
 @pytest.mark.parametrize("variant", STACKS)
 def test_builds_name_real_files_stages_args_and_entry_points(variant):
-    for tier in TIERS:
+    for tier in built(stack(*STACKS[variant])[0]):
         service = stack(*STACKS[variant])[0]["services"][tier]
         build = service["build"]
         context = REPO / build.get("context", ".")

@@ -60,7 +60,7 @@ def test_metrics_add_up_across_web_workers_and_model_servers(make_stack, setting
     batches = [batch for batch in servers.batches if batch.jobs]
     assert metric(text, 'serving_requests_total{route="/predict",status="200"}') == n
     assert metric(text, 'serving_requests_total{route="other",status="404"}') == 1
-    assert metric(text, 'serving_request_seconds_count{status="200"}') == n
+    assert metric(text, 'serving_request_seconds_count{model="digits",route="/predict",status="200",version="1"}') == n
     assert metric(text, IMAGES) == n
     assert metric(text, 'serving_batch_size_count{model="digits",version="1"}') == len(batches)
     assert metric(text, 'serving_batch_size_sum{model="digits",version="1"}') == n

@@ -18,6 +18,8 @@ import requests
 from playwright.sync_api import Browser, Page, expect, sync_playwright
 
 from scripts.processes import REPO
+from tests.conftest import png, solid
+from tests.live_server import serving
 
 CHROMIUM = pathlib.Path("/usr/bin/chromium")
 CHROMIUM_ARGS = [
@@ -125,3 +127,46 @@ def test_dropping_a_file_on_the_box_predicts_it(page: Page) -> None:
     page.locator("#drop").dispatch_event("drop", {"dataTransfer": files})
     expect(page.locator("#predictions li").first.locator(".label")).to_have_text("7")
     assert page.get_by_label("Image file").evaluate("input => input.files[0].name") == "digit_7.png"
+
+
+@pytest.fixture
+def two_models_page(browser: Browser, model_servers, digits, colours, make_app) -> Iterator[Page]:
+    """The page of a web tier serving digits and colours (in-process, over real HTTP)."""
+    model_servers.start(digits)
+    model_servers.start(colours)
+    with serving(make_app()) as url:
+        context = browser.new_context(viewport={"width": 900, "height": 760}, base_url=url)
+        page = context.new_page()
+        errors: list[str] = []
+        page.on("pageerror", lambda error: errors.append(str(error)))
+        page.goto("/")
+        yield page
+        context.close()
+    assert not errors, errors
+
+
+def test_a_person_picks_the_model_from_those_served(two_models_page: Page, tmp_path: pathlib.Path) -> None:
+    page = two_models_page
+    picker = page.get_by_label("Model")
+    expect(picker.locator("option")).to_have_text(["The server's default", "colours", "digits"])
+    picker.select_option("colours")
+    expect(page.locator("#model-hint")).to_contain_text("16×16×3 images")
+    red = tmp_path / "red.png"
+    red.write_bytes(png(solid((230, 20, 20))))
+    page.get_by_label("Image file").set_input_files(red)  # with two models and no default, only a named one answers
+    expect(page.locator("#result").get_by_role("heading")).to_have_text("Top labels from colours")
+    expect(page.locator("#predictions li").first.locator(".label")).to_have_text("red")
+    expect(page.locator("#model-version")).to_have_text("1")
+    screenshot(page, tmp_path, "page_models.png")
+
+    picker.select_option("digits")
+    page.get_by_label("Image file").set_input_files(REPO / "samples" / "digit_3.png")
+    expect(page.locator("#result").get_by_role("heading")).to_have_text("Top labels from digits")
+    expect(page.locator("#predictions li").first.locator(".label")).to_have_text("3")
+
+
+def test_with_several_models_and_none_picked_the_page_shows_why(two_models_page: Page) -> None:
+    two_models_page.get_by_label("Image file").set_input_files(REPO / "samples" / "digit_3.png")
+    alert = two_models_page.get_by_role("alert")
+    expect(alert).to_contain_text("several models are served")
+    expect(alert).to_contain_text("bad_request")

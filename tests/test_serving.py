@@ -89,7 +89,7 @@ def test_two_model_servers_answer_every_request_exactly_once(model_servers, make
 
     assert [r.status_code for r in responses] == [200] * len(images)
     assert sorted(model_servers.computed) == sorted(r.json["request_id"] for r in responses)  # each once, none twice
-    per_server = [len(batches) for batches in model_servers.by_server.values()]
+    per_server = [len(batches) for batches in model_servers.batches_of.values()]
     assert len(per_server) == 2 and all(count > 0 for count in per_server), per_server
 
 

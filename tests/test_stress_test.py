@@ -108,6 +108,9 @@ def test_non_200_answers_count_as_errors_by_status(upstream, tmp_path):
     check_consistent(summary)
     assert summary["ok"] == 5 and summary["errors"] == {"503": 5}
     assert summary["latency_ms"]["max"] is not None  # 503s are answers: they have latencies
+    by_status = summary["latency_ms_by_status"]
+    assert set(by_status) == {"200", "503"} and all(list(stats) == LATENCY_KEYS for stats in by_status.values())
+    assert min(by_status["200"]["min"], by_status["503"]["min"]) == summary["latency_ms"]["min"]
     check_plot(tmp_path)
 
 

@@ -1,0 +1,263 @@
+"""`make bench-overload`: what the server does with more than it can do.
+
+For each model, in one stack: its capacity measured closed loop, a light closed-loop run, then open
+loop (stress_test.py --rate) from 0.5x to 10x that capacity, each for --duration seconds of
+arrivals: goodput (200s a second over the capacity), the shares of 200, 503 and 504, the p99 of
+every answer and of the 503s, and the refusals by reason from /metrics; then the light run again,
+to show normal service right after. For digits, also a burst of 5,000 clients at once against a
+default stack, compared with what its measured rate and deadline allow. The model server runs at
+nice 10 (--model-nice): both tiers share this machine's two cores, and so a refusal does not wait
+behind TensorFlow's threads, as on hosts of their own.
+Writes bench/results/overload.{json,md,png}.
+
+    .venv/bin/python -m bench.overload [--models resnet50 digits] [--duration 20] [--levels 0.5 1 3 10]
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import re
+import sys
+import time
+import urllib.request
+
+from bench.common import RESULTS, command_line, model_spec, our_stack, stress
+from scripts.processes import Stack
+
+LEVELS = (0.5, 0.6, 1.0, 2.0, 3.0, 5.0, 10.0)
+TIMEOUT_S = 10  # REQUEST_TIMEOUT_S of the sweep, as in issue 10
+# Enough clients for full batches in every in-flight slot of the model server (it takes one batch ahead).
+CAPACITY_CLIENTS = {"resnet50": 96, "digits": 128}
+LIGHT_CLIENTS = 4
+CAPACITY_S = 15.0
+WARM_UP_S = 10.0
+LIGHT_S = 5.0
+# Open loop: connections enough for every accepted request waiting at once plus the refusals in flight.
+CONNECTIONS = 4000
+BURST = 5000
+# Both tiers share this machine's two cores; on separate hosts a refusal never waits for TensorFlow's
+# threads. The model server runs at this nice value so that the web tier's CPU comes first, as it would
+# on hosts of its own (the model keeps its throughput: the web tier needs little of the CPU).
+MODEL_NICE = 10
+# The /metrics counters read after each point, summed over their labels but `reason`.
+COUNTED = ("serving_refused_total", "serving_expired_total", "serving_late_total", "serving_finished_late_total")
+
+
+def counters(url: str) -> dict[str, float]:
+    """The COUNTED figures now, e.g. {"serving_refused_total/wait": 12.0, "serving_late_total": 3.0}."""
+    with urllib.request.urlopen(f"{url}/metrics", timeout=30) as response:
+        text = response.read().decode()
+    found: dict[str, float] = {}
+    for line in text.splitlines():
+        name, _, rest = line.partition("{")
+        if name in COUNTED:
+            reason = re.search(r'reason="([^"]+)"', rest)
+            key = f"{name}/{reason.group(1)}" if reason else name
+            found[key] = found.get(key, 0.0) + float(line.rsplit(" ", 1)[1])
+    return found
+
+
+def delta(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
+    return {key: after[key] - before.get(key, 0.0) for key in sorted(after) if after[key] != before.get(key, 0.0)}
+
+
+def point(run: dict, capacity: float) -> dict:
+    """The figures of one open- or closed-loop run, shares of every request sent."""
+    n = run["requests"]
+    statuses = run["status_counts"]
+    shares = {code: statuses.get(code, 0) / n for code in ("200", "503", "504")}
+    shares["other"] = 1 - sum(shares.values())  # other statuses, and no answer at all (e.g. "timeout")
+    by_status = run.get("latency_ms_by_status", {})
+    return {
+        "requests": n,
+        "ok_rps": run["ok"] / run["duration_s"],
+        "goodput": run["ok"] / run["duration_s"] / capacity,
+        "shares": shares,
+        "errors": run["errors"],
+        "p50_ms": run["latency_ms"]["p50"],
+        "p99_ms": run["latency_ms"]["p99"],
+        "p99_503_ms": by_status.get("503", {}).get("p99"),
+        "p99_200_ms": by_status.get("200", {}).get("p99"),
+    }
+
+
+def stack_for(name: str, nice: int, **env: str) -> tuple[Stack, str]:
+    """A stack serving `name`, its model server's every thread at `nice`; the web URL."""
+    stack, url = our_stack(model_spec(name), **env)
+    model_server = stack.processes[0].pid
+    for thread in os.listdir(f"/proc/{model_server}/task"):
+        os.setpriority(os.PRIO_PROCESS, int(thread), nice)
+    return stack, url
+
+
+def sweep(name: str, levels: tuple[float, ...], duration: float, nice: int) -> dict:
+    spec = model_spec(name)
+    stack, url = stack_for(name, nice, REQUEST_TIMEOUT_S=str(TIMEOUT_S))
+    try:
+        capacity = measure_capacity(url, spec.image, CAPACITY_CLIENTS[name])
+        entry = {"capacity_rps": capacity, "light_before": light(url, spec.image, capacity), "points": {}}
+        for level in levels:
+            rate = level * capacity
+            print(f"{name}: {level:g}x capacity = {rate:.1f} req/s", flush=True)
+            before = counters(url)
+            run = stress(url, spec.image, *open_loop(rate, duration))
+            metrics = delta(before, counters(url))
+            entry["points"][str(level)] = {"offered_rps": rate, **point(run, capacity), "metrics": metrics}
+        entry["light_after"] = light(url, spec.image, capacity)
+        return entry
+    finally:
+        stack.close()
+
+
+def measure_capacity(url: str, image: pathlib.Path, clients: int) -> float:
+    """200s a second, closed loop, after a warm-up at the same load (a new stack gets faster for seconds)."""
+    stress(url, image, "--duration", str(WARM_UP_S), "--concurrency", str(clients))
+    closed = stress(url, image, "--duration", str(CAPACITY_S), "--concurrency", str(clients))
+    return closed["ok"] / closed["duration_s"]
+
+
+def open_loop(rate: float, duration: float, connections: int = CONNECTIONS) -> list[str]:
+    return ["--rate", f"{rate:.3f}", "--duration", str(duration), "--connections", str(connections),
+            "--timeout", str(TIMEOUT_S + 10)]  # fmt: skip
+
+
+def light(url: str, image: pathlib.Path, capacity: float) -> dict:
+    run = stress(url, image, "--duration", str(LIGHT_S), "--concurrency", str(LIGHT_CLIENTS))
+    return point(run, capacity)
+
+
+def burst(nice: int) -> dict:
+    """BURST digits clients at once against a default stack (REQUEST_TIMEOUT_S 30): who was refused, and
+    how many the measured rate could have answered within the deadline."""
+    spec = model_spec("digits")
+    stack, url = stack_for("digits", nice)
+    try:
+        capacity = measure_capacity(url, spec.image, CAPACITY_CLIENTS["digits"])
+        before = counters(url)
+        run = stress(url, spec.image, "--rate", "100000", "--requests", str(BURST), "--connections", str(BURST),
+                     "--timeout", "60")  # fmt: skip
+        deadline_s = 30.0
+        return {
+            "capacity_rps": capacity,
+            "deadline_s": deadline_s,
+            "servable_in_time": min(BURST, int(capacity * deadline_s)),
+            **point(run, capacity),
+            "duration_s": run["duration_s"],
+            "metrics": delta(before, counters(url)),
+        }
+    finally:
+        stack.close()
+
+
+REFUSALS = ("serving_refused_total/wait", "serving_refused_total/queue_limit")
+DROPS = ("serving_late_total", "serving_finished_late_total", "serving_expired_total")
+
+
+def counted(metrics: dict[str, float], keys: tuple[str, ...]) -> str:
+    return " / ".join(f"{metrics.get(key, 0):.0f}" for key in keys)
+
+
+def report(results: dict) -> str:
+    lines = [
+        f"Measured {results['when']} on {results['machine']} with `{results['command']}`; REQUEST_TIMEOUT_S="
+        f"{TIMEOUT_S}, everything else default; the model server at nice {results['model_nice']}. Shares are of "
+        "every request sent; goodput is 200s a second over "
+        "the capacity measured closed loop just before, in the same stack.",
+        "",
+    ]
+    for name, r in results["models"].items():
+        lines += [
+            f"**{name}**: capacity {r['capacity_rps']:.1f} req/s closed loop ({CAPACITY_CLIENTS[name]} clients).",
+            "",
+            "| offered | req/s | requests | goodput | 200 | 503 | 504 | other | p99 ms | p99 of 503 ms "
+            "| refused (wait / queue_limit) | late / finished late / expired |",
+            "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        ]
+        for level, p in r["points"].items():
+            s = p["shares"]
+            p503 = "-" if p["p99_503_ms"] is None else f"{p['p99_503_ms']:.0f}"
+            lines.append(
+                f"| {float(level):g}x | {p['offered_rps']:.1f} | {p['requests']} | {p['goodput']:.0%} "
+                f"| {s['200']:.1%} | {s['503']:.1%} | {s['504']:.1%} | {s['other']:.1%} | {p['p99_ms']:.0f} | {p503} "
+                f"| {counted(p['metrics'], REFUSALS)} | {counted(p['metrics'], DROPS)} |"
+            )
+        b, a = r["light_before"], r["light_after"]
+        lines += [
+            "",
+            f"Light load ({LIGHT_CLIENTS} clients closed loop, {LIGHT_S:g} s) before the sweep: {light_line(b)}; "
+            f"right after the last point: {light_line(a)}.",
+            "",
+        ]
+    if "burst" in results:
+        b = results["burst"]
+        shares = ", ".join(f"{share:.1%} {code}" for code, share in b["shares"].items())
+        lines += [
+            f"**digits, {BURST} clients at once** (REQUEST_TIMEOUT_S {b['deadline_s']:g}, everything default): "
+            f"capacity {b['capacity_rps']:.0f} req/s closed loop, so about {b['servable_in_time']} could be answered "
+            f"within the deadline and {BURST - b['servable_in_time']} could not. Got: {shares}; errors {b['errors']}; "
+            f"p99 {b['p99_ms']:.0f} ms; all done in {b['duration_s']:.1f} s; counters {b['metrics']}.",
+            "",
+        ]
+    return "\n".join(lines)
+
+
+def light_line(p: dict) -> str:
+    return f"{p['ok_rps']:.1f} req/s, p50 {p['p50_ms']:.0f} ms, {p['shares']['200']:.0%} answered 200"
+
+
+def plot(results: dict, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    models = results["models"]
+    fig, axes = plt.subplots(2, len(models), figsize=(6.5 * len(models), 8), squeeze=False)
+    for column, (name, r) in enumerate(models.items()):
+        levels = [float(level) for level in r["points"]]
+        points = list(r["points"].values())
+        shares, latency = axes[0][column], axes[1][column]
+        shares.plot(levels, [p["goodput"] for p in points], "o-", color="black", label="goodput (200/s / capacity)")
+        for code, color in (("200", "tab:green"), ("503", "tab:orange"), ("504", "tab:red"), ("other", "tab:grey")):
+            shares.plot(levels, [p["shares"][code] for p in points], ".--", color=color, label=f"share {code}")
+        shares.axhline(0.9, color="black", linestyle=":", linewidth=0.8)
+        shares.set(title=f"{name}: capacity {r['capacity_rps']:.1f} req/s", xscale="log", ylim=(0, 1.1),
+                   xlabel="offered load (x capacity)", ylabel="fraction")  # fmt: skip
+        latency.plot(levels, [p["p99_ms"] for p in points], "o-", label="p99, every answer")
+        latency.plot(levels, [p["p99_503_ms"] or float("nan") for p in points], "o-", label="p99 of 503s")
+        latency.axhline(50, color="tab:orange", linestyle=":", label="50 ms")
+        latency.set(xscale="log", yscale="log", xlabel="offered load (x capacity)", ylabel="ms")
+        for ax in (shares, latency):
+            ax.set_xticks(levels, [f"{level:g}" for level in levels])
+            ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+
+
+def main() -> None:
+    parser = command_line(__doc__, ["resnet50", "digits"], 20.0, "arrivals")
+    parser.add_argument("--levels", nargs="+", type=float, default=list(LEVELS))
+    parser.add_argument("--no-burst", action="store_true", help="leave out the burst of 5,000 digits clients")
+    parser.add_argument("--model-nice", type=int, default=MODEL_NICE, help="the model server's nice value")
+    args = parser.parse_args()
+    results = {
+        "when": time.strftime("%Y-%m-%d"),
+        "machine": f"{len(os.sched_getaffinity(0))} CPU cores, no GPU",
+        "command": " ".join(["python -m bench.overload", *sys.argv[1:]]),
+        "model_nice": args.model_nice,
+        "models": {name: sweep(name, tuple(args.levels), args.duration, args.model_nice) for name in args.models},
+    }
+    if not args.no_burst:
+        print(f"digits: {BURST} clients at once", flush=True)
+        results["burst"] = burst(args.model_nice)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "overload.json").write_text(json.dumps(results, indent=2) + "\n")
+    (RESULTS / "overload.md").write_text(report(results))
+    plot(results, str(RESULTS / "overload.png"))
+    print(report(results))
+
+
+if __name__ == "__main__":
+    main()

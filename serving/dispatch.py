@@ -1,0 +1,93 @@
+"""What both HTTP APIs (POST /predict and the Open Inference Protocol) share: which model version a request
+goes to, and the model tier's results for its images, or the ApiError that says why not.
+
+Each API renders an ApiError in its own shape (serving.errors), so the rules live here once.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import numpy as np
+from flask import g
+
+from serving import images, wire
+from serving.catalog import NoModel, NoModelNamed, UnknownModel
+from serving.errors import ApiError
+from serving.inference import Refused, TimedOut
+from serving.registry import ModelState
+from serving.upload import parse_model, parse_version
+from serving.webtier import tier
+
+# What a model server's failure code means to a client: HTTP status and the contract's code.
+_FAILURES = {
+    "late": (503, "overloaded"),  # it could not be computed before its deadline
+    "model_changed": (503, "model_changed"),
+    "malformed": (500, "internal"),
+    "model_error": (500, "model_error"),
+}
+
+
+def resolve(raw_model: object, raw_version: object) -> ModelState:
+    """The model version a request goes to, with its info; a 4xx or 503 saying why there is none."""
+    try:
+        model = tier().catalog.resolve(parse_model(raw_model), parse_version(raw_version))
+    except UnknownModel as exc:
+        raise ApiError(404, "unknown_model", str(exc)) from None
+    except NoModelNamed as exc:
+        raise ApiError(400, "bad_request", str(exc)) from None
+    except NoModel as exc:
+        raise ApiError(503, "unavailable", str(exc), {"Retry-After": "1"}) from None
+    if model.info is None:
+        message = f"{model.keys.name} has published nothing readable yet"
+        raise ApiError(503, "unavailable", message, {"Retry-After": "1"})
+    g.model = model.keys  # the request's metrics are labelled with it
+    return model
+
+
+def pixels_of(image_file: bytes, info: wire.ModelInfo) -> np.ndarray:
+    """An uploaded image file as the model's input pixels, or a 400 saying why it cannot be."""
+    try:
+        return images.decode(image_file, info.height, info.width, info.channels)
+    except images.InvalidImage as exc:
+        raise ApiError(400, "invalid_image", f"{exc}; send a JPEG, PNG, GIF, WebP, BMP, TIFF or AVIF file") from None
+
+
+@contextmanager
+def refusals_as_http(timeout_s: float) -> Iterator[None]:
+    """Refused as 503 with Retry-After (whole seconds, at least 1), TimedOut as 504."""
+    try:
+        yield
+    except Refused as exc:
+        headers = {"Retry-After": str(max(1, math.ceil(exc.retry_after_s)))}
+        raise ApiError(503, exc.reason, exc.message, headers) from None
+    except TimedOut as exc:
+        message = exc.message or f"no answer within {timeout_s:g} s; the server is busy, try again later"
+        raise ApiError(504, "timeout", message) from None
+
+
+def admit_early(model: ModelState, count: int, deadline: float, timeout_s: float) -> None:
+    """Refuse at once, before any image is decoded, what this worker already knows cannot be served in time."""
+    with refusals_as_http(timeout_s):
+        tier().inference.refuse_early(model, count, deadline)
+
+
+def infer(
+    model: ModelState, pixels: list[np.ndarray], top_k: int | None, deadline: float, timeout_s: float
+) -> list[wire.Result]:
+    """The model tier's results for these images, or the ApiError that says why not."""
+    t = tier()
+    with refusals_as_http(timeout_s):
+        results = t.inference.infer(g.request_id, model, pixels, top_k, deadline)
+    for result in results:
+        if result.error_code == "model_changed":
+            # The model was replaced under its name: read what its servers publish now, so the
+            # retry is prepared for the new input shape instead of failing the same way.
+            t.catalog.forget()
+        if result.error_code:
+            status, code = _FAILURES.get(result.error_code, (500, "model_error"))
+            headers = {"Retry-After": "1"} if status == 503 else {}
+            raise ApiError(status, code, f"{model.keys.name}: {result.error}", headers)
+    return results

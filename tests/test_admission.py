@@ -1,0 +1,237 @@
+"""Admission by predicted wait: the estimate from published speeds, and refusals through the app on a real Redis.
+
+Most tests publish a speed themselves (as a model server's heartbeat does) and run no model server,
+so the queue stays as they filled it and the depth the deadline allows is known: at one image a
+second and REQUEST_TIMEOUT_S=10.5, the last of n queued images is answered after n + 1 s, and
+HEADROOM (0.8) of 10.5 s is 8.4 s, so the queue may hold 7 images, the new request's included.
+"""
+
+from __future__ import annotations
+
+import base64
+import pathlib
+import re
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+
+from scripts.processes import wait_until
+from serving import admission, queue, registry, wire
+from serving.admission import Estimate, batch_time
+from serving.inference import Refused
+from tests.conftest import upload
+
+DIGIT = (pathlib.Path(__file__).resolve().parent.parent / "samples" / "digit_3.png").read_bytes()
+INFO = wire.ModelInfo("digits", 1, 8, 8, 1, tuple("0123456789"))
+KEYS = wire.ModelKeys("digits", 1)
+ONE_A_SECOND = wire.Speed(batch_size=1, batch_seconds={1: 1.0})
+TIMEOUT_S = 10.5
+ALLOWED = 7  # images the queue may hold at ONE_A_SECOND within TIMEOUT_S, see above
+
+
+def announce(r, speed: wire.Speed | None = None, server_id: str = "measured") -> None:
+    """A live model server of digits, as its heartbeat shows it, with `speed` published; it computes nothing."""
+    seconds, _ = r.time()
+    registry.Registration(r, INFO, server_id).beat(float(seconds), ttl_s=120, grace_s=120, speed=speed)
+
+
+def fill(r, n: int) -> None:
+    jobs = [wire.Job(f"queued-{i}", "nobody", np.zeros((8, 8, 1), np.uint8), 1e12, 3) for i in range(n)]
+    assert queue.submit(r, KEYS, jobs, limit=10**6)[0] is queue.Submitted.QUEUED
+
+
+def refusals(client, reason: str) -> float:
+    text = client.get("/metrics").text
+    found = re.search(rf'^serving_refused_total{{model="digits",reason="{reason}",version="1"}} (\S+)$', text, re.M)
+    return float(found.group(1)) if found else 0.0
+
+
+# --- the estimate -----------------------------------------------------------------------------------------
+
+MEASURED = wire.Speed(batch_size=32, batch_seconds={1: 0.01, 8: 0.03, 32: 0.1}, extra_seconds=0.005)
+
+
+def test_batch_time_interpolates_between_measured_sizes_and_keeps_the_cost_per_image_beyond():
+    assert batch_time(MEASURED, 8) == pytest.approx(0.035)
+    assert batch_time(MEASURED, 20) == pytest.approx(0.03 + 12 / 24 * 0.07 + 0.005)
+    assert batch_time(MEASURED, 64) == pytest.approx(0.2 + 0.005)
+    only_full = wire.Speed(batch_size=32, batch_seconds={32: 0.1})
+    assert batch_time(only_full, 1) == pytest.approx(0.1)  # no smaller batch measured: no cheaper guess
+
+
+def test_the_rate_adds_up_every_servers_full_batches():
+    slow = wire.Speed(batch_size=8, batch_seconds={8: 0.5})
+    estimate = Estimate([MEASURED, slow])
+    assert estimate.rate == pytest.approx(32 / 0.105 + 8 / 0.5)
+    # The last batch may land on the slower server.
+    assert estimate.wait_s(100) == pytest.approx(100 / estimate.rate + 0.5)
+    assert estimate.wait_s(1) == pytest.approx(1 / estimate.rate + 0.5)
+
+
+@pytest.mark.parametrize("budget_s", [0.02, 0.3, 1.0, 7.7, 30.0])
+def test_the_allowed_depth_is_the_deepest_queue_answered_within_the_budget(budget_s):
+    estimate = Estimate([MEASURED])
+    depth = estimate.depth_within(budget_s)
+    assert depth == 0 or estimate.wait_s(depth) <= budget_s
+    assert estimate.wait_s(depth + 1) > budget_s
+
+
+def test_without_a_measured_speed_nothing_is_known_and_only_queue_limit_binds():
+    just_started = wire.Speed(batch_size=32, batch_seconds={})
+    for estimate in (Estimate([]), Estimate([just_started])):
+        assert not estimate.known
+        assert admission.limit(estimate, remaining_s=0.001, queue_limit=50) == admission.Limit(50, "queue_limit")
+
+
+# --- through the app --------------------------------------------------------------------------------------
+
+
+def test_a_request_the_deadline_allows_is_queued_and_answered(r, make_app, model_servers, digits):
+    announce(r, ONE_A_SECOND)
+    fill(r, ALLOWED - 1)
+    client = make_app(request_timeout_s=TIMEOUT_S).test_client()
+
+    with ThreadPoolExecutor(1) as pool:
+        pending = pool.submit(upload, client, DIGIT)
+        wait_until(lambda: r.llen(KEYS.queue) == ALLOWED, 30, "the request queued")
+        model_servers.start(digits)  # now someone computes the queue
+        response = pending.result(timeout=60)
+
+    assert response.status_code == 200, response.json
+    assert response.json["request_id"] in model_servers.computed
+
+
+def test_a_request_the_deadline_does_not_allow_is_refused_at_once_and_nothing_is_queued(r, make_app):
+    announce(r, ONE_A_SECOND)
+    fill(r, ALLOWED)
+    client = make_app(request_timeout_s=TIMEOUT_S).test_client()
+    before = refusals(client, "wait")
+
+    response = upload(client, DIGIT)
+
+    assert response.status_code == 503
+    error = response.json["error"]
+    assert error["code"] == "overloaded"
+    assert "7 images are queued ahead and 0 in the model servers' hands" in error["message"]
+    assert response.headers["Retry-After"] == "1"  # one image too many, at one a second
+    assert r.llen(KEYS.queue) == ALLOWED
+    assert refusals(client, "wait") == before + 1
+
+
+def test_images_the_servers_hold_already_count_ahead_of_the_queue(r, make_app):
+    announce(r, ONE_A_SECOND)
+    fill(r, ALLOWED)
+    held = queue.ServerQueue(r, KEYS, "measured").take(slot=0, size=3, wait_s=0, block_s=0.1)  # computing those
+    assert len(held) == 3 and r.llen(KEYS.queue) == ALLOWED - 3
+    client = make_app(request_timeout_s=TIMEOUT_S).test_client()
+
+    response = upload(client, DIGIT)
+
+    assert response.status_code == 503
+    assert "4 images are queued ahead and 3 in the model servers' hands" in response.json["error"]["message"]
+    assert r.llen(KEYS.queue) == ALLOWED - 3
+
+
+def test_once_a_worker_saw_the_queue_full_it_refuses_before_decoding(r, make_app):
+    announce(r, ONE_A_SECOND)
+    fill(r, ALLOWED)
+    client = make_app(request_timeout_s=TIMEOUT_S).test_client()
+    assert upload(client, DIGIT).status_code == 503  # refused by the queue itself: this worker now knows
+
+    # Not an image at all: a decoded one would be a 400, so a 503 shows no decoding was spent on it.
+    response = upload(client, b"this is not an image")
+
+    assert response.status_code == 503 and response.json["error"]["code"] == "overloaded"
+    assert r.llen(KEYS.queue) == ALLOWED
+
+
+def test_retry_after_is_the_time_until_the_queue_has_drained_enough(r, make_app):
+    announce(r, ONE_A_SECOND)
+    fill(r, ALLOWED + 9)
+    client = make_app(request_timeout_s=TIMEOUT_S).test_client()
+
+    response = upload(client, DIGIT)
+
+    assert response.status_code == 503
+    # 10 images too many at one a second; as far as this worker knows, one may have drained since its
+    # cached read of the queue (up to a second old), so it may say 9.
+    assert response.headers["Retry-After"] in ("9", "10")
+    assert r.llen(KEYS.queue) == ALLOWED + 9
+
+
+def test_the_memory_cap_refuses_with_its_own_reason(r, make_app):
+    announce(r, wire.Speed(batch_size=32, batch_seconds={32: 0.01}))  # fast: the deadline would allow thousands
+    fill(r, 5)
+    client = make_app(queue_limit=5).test_client()
+    before = refusals(client, "queue_limit")
+
+    response = upload(client, DIGIT)
+
+    assert response.status_code == 503 and response.json["error"]["code"] == "overloaded"
+    assert "limit of 5 images (QUEUE_LIMIT)" in response.json["error"]["message"]
+    assert r.llen(KEYS.queue) == 5
+    assert refusals(client, "queue_limit") == before + 1
+
+
+def test_without_a_published_speed_only_queue_limit_refuses(r, make_app):
+    announce(r, speed=None)  # a server that has not measured a batch yet
+    fill(r, 1000)  # at ONE_A_SECOND this would be refused; without a speed it is not
+    client = make_app(queue_limit=1001).test_client()
+
+    accepted = upload(client, DIGIT, timeout_ms="100")  # accepted, then nobody computes it in time
+    refused = upload(client, DIGIT, timeout_ms="100")
+
+    assert accepted.status_code == 504
+    assert refused.status_code == 503 and "QUEUE_LIMIT" in refused.json["error"]["message"]
+    assert r.llen(KEYS.queue) == 1001
+
+
+def test_a_deadline_no_empty_queue_could_meet_is_a_504_at_once_not_a_retry(r, make_app):
+    announce(r, ONE_A_SECOND)  # one image takes a second
+    client = make_app().test_client()
+    before = refusals(client, "deadline")
+
+    response = upload(client, DIGIT, timeout_ms="500")
+
+    assert response.status_code == 504 and response.json["error"]["code"] == "timeout"
+    assert "needs about 2000 ms" in response.json["error"]["message"]  # its own batch after one ahead
+    assert "Retry-After" not in response.headers
+    assert r.llen(KEYS.queue) == 0
+    assert refusals(client, "deadline") == before + 1
+
+
+def test_several_images_of_one_request_are_admitted_whole_or_not_at_all(r, make_app):
+    announce(r, ONE_A_SECOND)
+    fill(r, ALLOWED - 2)
+    app = make_app(request_timeout_s=TIMEOUT_S)
+    tier = app.extensions["serving"]
+    model = tier.catalog.resolve("digits", None)
+    images = [np.zeros((8, 8, 1), np.uint8)] * 3
+
+    with pytest.raises(Refused) as refused:
+        tier.inference.infer("three", model, images, 3, tier.clock.now() + TIMEOUT_S)
+
+    assert refused.value.reason == "overloaded"
+    assert r.llen(KEYS.queue) == ALLOWED - 2
+
+
+def test_json_requests_are_refused_alike(r, make_app):
+    announce(r, ONE_A_SECOND)
+    fill(r, ALLOWED)
+    client = make_app(request_timeout_s=TIMEOUT_S).test_client()
+
+    response = client.post("/predict", json={"image": base64.b64encode(DIGIT).decode()})
+
+    assert response.status_code == 503 and response.headers["Retry-After"] == "1"
+
+
+def test_metrics_show_the_wait_estimate_of_each_model(r, make_app):
+    announce(r, ONE_A_SECOND)
+    fill(r, 4)
+    client = make_app().test_client()
+
+    text = client.get("/metrics").text
+
+    # A new image behind 4 at one a second: 5 s of queue, then its own batch of a second.
+    assert 'serving_wait_estimate_seconds{model="digits",version="1"} 6.0' in text.splitlines()

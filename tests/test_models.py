@@ -1,0 +1,220 @@
+"""Several models and versions behind one Redis and one web tier, in-process: which model a request goes to,
+GET /models, readiness and metrics per model, and a model replaced under its name."""
+
+from __future__ import annotations
+
+import base64
+import math
+import pathlib
+import re
+from dataclasses import dataclass
+
+import pytest
+
+from scripts.processes import wait_until
+from serving import wire, zoo
+from serving.modelserver import ModelServer
+from tests.conftest import ModelServers, png, solid, upload
+
+DIGIT = (pathlib.Path(__file__).resolve().parent.parent / "samples" / "digit_3.png").read_bytes()
+RED = png(solid((250, 10, 10)))
+
+
+@pytest.fixture(scope="module")
+def digits_v2() -> zoo.KerasServable:
+    return zoo.load("digits", version=2)
+
+
+@dataclass
+class TwoModels:
+    servers: ModelServers
+    digits: ModelServer
+    colours: ModelServer
+
+
+@pytest.fixture
+def two_models(model_servers, digits, colours) -> TwoModels:
+    """digits and colours served, one model server each."""
+    return TwoModels(model_servers, model_servers.start(digits), model_servers.start(colours))
+
+
+def ids_computed_by(servers, server) -> set[str]:
+    return {request_id for batch in servers.batches_of[server.server_id] for request_id in batch.request_ids}
+
+
+def test_the_only_model_is_the_default(served, client):
+    response = upload(client, DIGIT)
+    assert response.status_code == 200, response.json
+    assert response.json["model"] == "digits" and response.headers["X-Model-Version"] == "1"
+
+
+@pytest.mark.parametrize("where", ["query", "form", "json"])
+def test_model_and_version_come_from_query_form_or_json(two_models, client, where):
+    image = {"colours": RED, "digits": DIGIT}
+    for name, version in [("colours", "1"), ("digits", 1), ("colours", None)]:
+        options = {"model": name, **({"version": version} if version else {})}
+        if where == "query":
+            query = "?" + "&".join(f"{k}={v}" for k, v in options.items())
+            response = upload(client, image[name], query)
+        elif where == "form":
+            response = upload(client, image[name], **{k: str(v) for k, v in options.items()})
+        else:
+            body = {"image": base64.b64encode(image[name]).decode(), **options}
+            response = client.post("/predict", json=body)
+        assert response.status_code == 200, (where, options, response.json)
+        assert response.json["model"] == name
+        assert response.json["predictions"][0]["label"] == {"colours": "red", "digits": "3"}[name]
+
+
+def test_each_models_traffic_reaches_only_its_own_servers(two_models, client, colours):
+    servers, digit_server, colour_server = two_models.servers, two_models.digits, two_models.colours
+    sent: dict[str, set[str]] = {"digits": set(), "colours": set()}
+    for n in range(20):
+        name = ("digits", "colours")[n % 2]
+        response = upload(client, DIGIT if name == "digits" else RED, model=name)
+        assert response.status_code == 200, response.json
+        sent[name].add(response.json["request_id"])
+    assert ids_computed_by(servers, digit_server) == sent["digits"]
+    assert ids_computed_by(servers, colour_server) == sent["colours"]
+    shapes = {batch.jobs[0].pixels.shape for batch in servers.batches_of[colour_server.server_id]}
+    assert shapes == {colours.info.shape}  # each job prepared for its own model's input
+
+
+def test_several_models_and_no_default_is_a_400_naming_them(two_models, client):
+    response = upload(client, DIGIT)
+    assert response.status_code == 400
+    error = response.json["error"]
+    assert error["code"] == "bad_request" and "colours" in error["message"] and "digits" in error["message"]
+
+
+def test_default_model_setting_picks_the_model(two_models, make_app):
+    client = make_app(default_model="colours").test_client()
+    response = upload(client, RED)
+    assert response.status_code == 200 and response.json["model"] == "colours"
+    assert upload(client, DIGIT, model="digits").json["model"] == "digits"
+
+
+def test_a_default_model_without_a_server_is_unavailable_not_unknown(served, make_app):
+    response = upload(make_app(default_model="colours").test_client(), RED)
+    assert response.status_code == 503 and response.json["error"]["code"] == "unavailable", response.json
+    assert "colours" in response.json["error"]["message"]
+
+
+@pytest.mark.parametrize("options", [{"model": "resnet"}, {"model": "digits", "version": "7"}])
+def test_an_unknown_model_or_version_is_a_404(served, client, options):
+    response = upload(client, DIGIT, **options)
+    assert response.status_code == 404, response.json
+    error = response.json["error"]
+    assert error["code"] == "unknown_model" and "digits" in error["message"]
+    assert served.computed == []
+
+
+@pytest.mark.parametrize("version", ["0", "two", "1.5", "-1"])
+def test_a_version_that_is_no_whole_number_is_a_400(served, client, version):
+    response = upload(client, DIGIT, version=version)
+    assert response.status_code == 400 and response.json["error"]["code"] == "bad_request"
+
+
+def test_without_a_version_the_highest_with_a_live_server_answers(model_servers, digits, digits_v2, make_app):
+    app = make_app()
+    client, catalog = app.test_client(), app.extensions["serving"].catalog
+    v1 = model_servers.start(digits)
+    assert upload(client, DIGIT).headers["X-Model-Version"] == "1"
+    v2 = model_servers.start(digits_v2)
+    wait_until(lambda: catalog.resolve("digits", None).keys.version == 2, 10, "v2 seen")
+    assert upload(client, DIGIT).headers["X-Model-Version"] == "2"
+    assert upload(client, DIGIT, version="1").headers["X-Model-Version"] == "1"  # both run: a canary
+
+    model_servers.stop(v2)
+    # Requests sent in the moment before the web tier sees v2 gone would wait on its queue (README).
+    wait_until(lambda: catalog.resolve("digits", None).keys.version == 1, 10, "v2 seen gone")
+    assert upload(client, DIGIT).headers["X-Model-Version"] == "1"
+    assert ids_computed_by(model_servers, v1) and ids_computed_by(model_servers, v2)
+
+
+def test_models_lists_every_model_with_versions_shape_classes_and_readiness(two_models, digits_v2, client):
+    two_models.servers.start(digits_v2)
+    wait_until(lambda: len(client.get("/models").json["models"][1]["versions"]) == 2, 10, "v2 listed")
+    two_models.servers.stop(two_models.digits)
+
+    models = client.get("/models").json
+    assert models == {
+        "models": [
+            {"name": "colours", "versions": [1], "ready": True, "input": [16, 16, 3], "classes": 3},
+            {"name": "digits", "versions": [1, 2], "ready": True, "input": [8, 8, 1], "classes": 10},
+        ]
+    }
+    two_models.servers.close()
+    wait_until(lambda: not any(m["ready"] for m in client.get("/models").json["models"]), 10, "none ready")
+
+
+def test_a_model_published_later_is_served_without_a_restart(served, colours, client):
+    assert upload(client, RED, model="colours").status_code == 404
+    served.start(colours)
+    wait_until(lambda: upload(client, RED, model="colours").status_code == 200, 10, "colours served")
+    assert upload(client, RED, model="colours").json["predictions"][0]["label"] == "red"
+
+
+def test_ready_names_the_ready_models(two_models, client):
+    body = client.get("/ready").json
+    assert body["ready"] is True and body["model_servers"] == 2
+    assert sorted(body["models"]) == ["colours:1", "digits:1"]
+
+
+def test_a_model_replaced_under_its_name_answers_model_changed_at_once_then_the_new_one(
+    model_servers, digits, colours_file, make_app
+):
+    app = make_app()
+    client = app.test_client()
+    old = model_servers.start(digits)
+    assert upload(client, DIGIT).status_code == 200
+    app.extensions["serving"].catalog.refresh_s = math.inf  # this worker keeps the old shape in its cache
+    model_servers.stop(old)
+    model, labels = colours_file
+    model_servers.start(zoo.load(str(model), labels=str(labels), name="digits"))  # same name, new input
+
+    response = upload(client, RED)
+    assert response.status_code == 503, response.json
+    assert response.json["error"]["code"] == "model_changed" and response.headers["Retry-After"] == "1"
+    assert "(16, 16, 3)" in response.json["error"]["message"]
+    assert model_servers.computed == [model_servers.batches[0].request_ids[0]]  # only the first, old answer
+
+    retry = upload(client, RED)  # the failure made the web tier read the new shape
+    assert retry.status_code == 200, retry.json
+    assert [p["label"] for p in retry.json["predictions"]] == ["red", "green", "blue"]
+
+
+def test_metrics_are_labelled_by_model_and_version(two_models, client):
+    before = client.get("/metrics").get_data(as_text=True)
+    for name, image in [("digits", DIGIT), ("colours", RED), ("colours", RED)]:
+        assert upload(client, image, model=name).status_code == 200
+    upload(client, DIGIT, model="nope")
+    wait_until(lambda: len(two_models.servers.batches) >= 3, 10, "batches recorded")
+    after = client.get("/metrics").get_data(as_text=True)
+
+    def grew(sample: str) -> float:
+        return value(after, sample) - value(before, sample)
+
+    # prometheus_client writes the labels sorted by name
+    assert grew('serving_request_seconds_count{model="colours",route="/predict",status="200",version="1"}') == 2
+    assert grew('serving_request_seconds_count{model="digits",route="/predict",status="200",version="1"}') == 1
+    assert grew('serving_request_seconds_count{model="",route="/predict",status="404",version=""}') == 1
+    assert value(after, 'serving_images_total{model="colours",version="1"}') == 2
+    assert value(after, 'serving_model_servers{model="digits",version="1"}') == 1
+
+
+def value(text: str, sample: str) -> float:
+    """One sample's value in a Prometheus exposition; 0 when absent (a labelled series not yet seen)."""
+    match = re.search(rf"^{re.escape(sample)} (\S+)$", text, re.MULTILINE)
+    return float(match[1]) if match else 0.0
+
+
+def test_models_of_the_same_name_keep_their_versions_apart_in_redis(model_servers, digits, digits_v2, r):
+    model_servers.start(digits)
+    model_servers.start(digits_v2)
+    published = {
+        version: wire.ModelInfo.decode(r.get(wire.ModelKeys("digits", version).info)).version for version in (1, 2)
+    }
+    assert published == {1: 1, 2: 2}
+    members = sorted(m.decode() for m in r.zrange(wire.MODELS, 0, -1))
+    assert members == ["digits:1", "digits:2"]
