@@ -56,6 +56,8 @@ return moved
 WINDOW_STEP_S = 0.0005
 # In-flight lists per model server: one per batch it may hold at once (taken, computing, answering).
 INFLIGHT_SLOTS = 3
+# What an answered job is overwritten with in an in-flight list before removal: never a valid job.
+_ANSWERED = "answered"
 
 
 class Submitted(Enum):
@@ -95,9 +97,15 @@ class ServerQueue:
         first = self.r.blmove(self.keys.queue, inflight, block_s, "RIGHT", "LEFT")
         if first is None:
             return []
-        batch = [first]
+        return [first, *self.take_more(slot, size - 1, wait_s)]
+
+    def take_more(self, slot: int, size: int, wait_s: float) -> list[bytes]:
+        """Up to `size` more raw jobs into the in-flight list `slot` already holds some of, waiting up to
+        wait_s for them; none waits for a first job."""
+        inflight = self.keys.inflight(self.server_id, slot)
+        batch: list[bytes] = []
         window_ends = time.monotonic() + wait_s
-        while True:
+        while size > 0:
             batch += self._take(keys=[self.keys.queue, inflight], args=[size - len(batch)])
             remaining = window_ends - time.monotonic()
             if len(batch) >= size or remaining <= 0:
@@ -105,18 +113,30 @@ class ServerQueue:
             # The window is timed here, not with a blocking pop's timeout: Redis checks those
             # only at its `hz` tick (every 100 ms by default), far coarser than a few ms.
             time.sleep(min(remaining, WINDOW_STEP_S))
+        return batch
 
-    def answer(self, slot: int, answers: list[tuple[str, wire.Result]], ttl_s: float) -> None:
-        """Deliver every (reply_to, result) to its web worker's inbox and drop in-flight list `slot`, in one
-        transaction: all or nothing."""
+    def answer(
+        self, slot: int, answers: list[tuple[str, wire.Result]], ttl_s: float, taken: list[int] | None = None
+    ) -> None:
+        """Deliver every (reply_to, result) to its web worker's inbox and drop from in-flight list `slot`,
+        in one transaction (all or nothing), the jobs answered: all of them, or only those `taken` first,
+        second... (0 = the first taken since the list was empty), so the others stay held."""
         by_inbox: dict[str, list[str]] = defaultdict(list)
         for reply_to, result in answers:
             by_inbox[self.keys.inbox(reply_to)].append(result.encode())
+        inflight = self.keys.inflight(self.server_id, slot)
         pipe = self.r.pipeline(transaction=True)
         for inbox, payloads in by_inbox.items():
             pipe.rpush(inbox, *payloads)
             pipe.pexpire(inbox, int(ttl_s * 1000))  # a dead worker's inbox goes away by itself
-        pipe.delete(self.keys.inflight(self.server_id, slot))
+        if taken is None:
+            pipe.delete(inflight)
+        else:
+            # Taken jobs are pushed on the left, so the n-th taken is at index -(n + 1). Marked by
+            # position, then removed by the mark: a 200 KB job need not be sent back to be named.
+            for n in taken:
+                pipe.lset(inflight, -(n + 1), _ANSWERED)
+            pipe.lrem(inflight, 0, _ANSWERED)
         pipe.execute()
 
     def requeue_if_dead(self, server_id: str) -> int:
