@@ -27,18 +27,6 @@ redis.call('LPUSH', KEYS[1], unpack(ARGV, 2))
 return {1, depth}
 """
 
-# Move up to ARGV[1] jobs into an in-flight list in one atomic step, so two model servers can
-# never take the same job.
-_TAKE = """
-local taken = {}
-for _ = 1, tonumber(ARGV[1]) do
-  local job = redis.call('LMOVE', KEYS[1], KEYS[2], 'RIGHT', 'LEFT')
-  if not job then break end
-  taken[#taken + 1] = job
-end
-return taken
-"""
-
 # Move a server's in-flight jobs (KEYS[2..n-1], its oldest batch first) back to the pop end of the
 # queue (KEYS[n]), newest first, so the oldest job is popped first again. With ARGV[1] == 'if_dead',
 # only while its heartbeat (KEYS[1]) is gone, checked inside the script so that a server that beat
@@ -84,7 +72,6 @@ class ServerQueue:
         self.r = r
         self.keys = keys
         self.server_id = server_id
-        self._take = r.register_script(_TAKE)
         self._requeue = r.register_script(_REQUEUE)
 
     def take(self, slot: int, size: int, wait_s: float, block_s: float) -> list[bytes]:
@@ -106,7 +93,7 @@ class ServerQueue:
         batch: list[bytes] = []
         window_ends = time.monotonic() + wait_s
         while size > 0:
-            batch += self._take(keys=[self.keys.queue, inflight], args=[size - len(batch)])
+            batch += self._move(inflight, size - len(batch))
             remaining = window_ends - time.monotonic()
             if len(batch) >= size or remaining <= 0:
                 return batch
@@ -114,6 +101,15 @@ class ServerQueue:
             # only at its `hz` tick (every 100 ms by default), far coarser than a few ms.
             time.sleep(min(remaining, WINDOW_STEP_S))
         return batch
+
+    def _move(self, inflight: str, n: int) -> list[bytes]:
+        """Up to n jobs from the queue into `inflight`, in one transaction: each LMOVE is atomic, so two
+        model servers never take the same job. Not a Lua script: a script copies every 200 KB job
+        into Lua and back out (24 ms for 64 jobs here, against 8 ms for this)."""
+        pipe = self.r.pipeline(transaction=True)
+        for _ in range(n):
+            pipe.lmove(self.keys.queue, inflight, "RIGHT", "LEFT")
+        return [job for job in pipe.execute() if job is not None]
 
     def answer(
         self, slot: int, answers: list[tuple[str, wire.Result]], ttl_s: float, taken: list[int] | None = None
