@@ -1,11 +1,12 @@
 # make run: install the pinned requirements and serve MODEL on PORT (Ctrl-C stops).
 # make test: install the test requirements and run the whole suite.
 # make bench / make sweep: the side-by-side benchmark and the batching sweep (bench/results/).
+# make bench-model: one model server draining a full queue against its model's predict ceiling.
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: run test lint bench sweep
+.PHONY: run test lint bench sweep bench-model
 
 run: $(VENV)/.run-deps
 	$(BIN)/python scripts/run.py
@@ -22,6 +23,9 @@ bench: $(VENV)/.test-deps
 
 sweep: $(VENV)/.test-deps
 	$(BIN)/python -m bench.sweep
+
+bench-model: $(VENV)/.test-deps
+	flock /tmp/bench.lock $(BIN)/python -m bench.model_tier
 
 $(VENV)/.run-deps: requirements.txt requirements-web.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
