@@ -34,6 +34,9 @@ def main() -> int:
     except zoo.ModelUnavailable as exc:
         log.error("%s", exc)
         return 2
+    import keras  # loaded by zoo.load already: which backend it runs on is worth a line in the log
+
+    logs.event(log, "loaded", model=settings.model, backend=keras.backend.backend())
     r = connections.connect(settings.redis_url, socket_timeout=BLOCK_S + 5)
     server = ModelServer(servable, r, settings)
     for sig in (signal.SIGTERM, signal.SIGINT):
