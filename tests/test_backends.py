@@ -15,7 +15,7 @@ from tests.conftest import png, upload
 DIGITS = wire.ModelKeys("digits", 1)
 
 
-def test_a_jax_model_server_answers_what_tensorflow_computes_in_process(r, redis_url, client, digits, holdout, tmp_path):
+def test_a_jax_model_server_answers_as_tensorflow_does_in_process(r, redis_url, client, digits, holdout, tmp_path):
     env = {"KERAS_BACKEND": "jax", "MODEL": "digits", "REDIS_URL": redis_url, "BATCH_SIZE": "8", "LOG_FORMAT": "json"}
     server = start_python("model_server.py", env, tmp_path / "model.log")
     try:
