@@ -157,7 +157,7 @@ def preprocess_ms(servable, name: str, batch: np.ndarray, ceiling: float) -> flo
     """The in-graph cast and preprocessing's share of one predict: the servable minus the inner model alone."""
     from keras.applications import imagenet_utils
 
-    inner = servable.model.layers[-1]
+    inner = servable.model
     x = imagenet_utils.preprocess_input(batch.astype(np.float32), data_format="channels_last", mode=PREPROCESS[name])
     return max(0.0, len(batch) / ceiling - len(batch) / rate(inner.predict_on_batch, x)) * 1000
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 import pathlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 import numpy as np
@@ -65,10 +65,15 @@ class KerasServable:
     """A loaded Keras model ready to classify uint8 image batches."""
 
     info: ModelInfo
-    model: object  # keras.Model: uint8 batch in, the loaded model's output out (preprocessing inside)
+    model: object  # the keras.Model as loaded: float input, preprocessed as `preprocess` says
+    preprocess: str  # one of PREPROCESS_MODES
+    served: object = field(init=False)  # what predict runs: `model` behind a uint8 input, preprocessing inside
+
+    def __post_init__(self) -> None:
+        self.served = with_uint8_input(self.model, self.preprocess)
 
     def predict(self, batch: np.ndarray) -> np.ndarray:
-        out = np.asarray(self.model.predict_on_batch(batch), np.float64)
+        out = np.asarray(self.served.predict_on_batch(batch), np.float64)
         return _as_probabilities(out)
 
 
@@ -88,7 +93,7 @@ def load(
             f"unknown MODEL {model!r}: use one of {', '.join([*APPLICATIONS, 'digits'])} or a path to a .keras/.h5 file"
         )
     info = _model_info(name or model, version, keras_model, names)
-    return KerasServable(info, with_uint8_input(keras_model, mode))
+    return KerasServable(info, keras_model, mode)
 
 
 def _load_application(name: str, weights: str) -> object:
