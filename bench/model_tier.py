@@ -10,7 +10,10 @@ float32 input. Also measures what a batch size not seen before costs with and wi
 Each backend runs in its own process (KERAS_BACKEND is read once, at import).
 
     .venv/bin/python -m bench.model_tier [--models near_free mobilenet_v2 resnet50] [--batches 1 8 32]
-        [--backends tensorflow jax]   ->  bench/results/model_tier.{md,json,png}
+        [--backends tensorflow jax] [--system SECONDS]   ->  bench/results/model_tier.{md,json,png}
+
+Last, the whole system on these 2 cores (Redis, one model server of the near-free model, the web
+tier) under stress_test.py, with the CPU each part used.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import pathlib
 import statistics
 import subprocess
 import sys
@@ -32,7 +36,7 @@ from scripts.processes import REPO, free_port, start_redis, stop, wait_until
 MODELS = ("no_model", "near_free", "mobilenet_v2", "resnet50")
 BATCHES = (1, 2, 4, 8, 16, 32, 64, 128)
 # JAX is the GPU path shown on CPU: the near-free model's feed rate and ResNet50 at the sizes that matter.
-JAX_RUNS = {"near_free": BATCHES, "resnet50": (1, 32, 128)}
+JAX_RUNS = {"near_free": BATCHES, "resnet50": (32,)}
 CEILING_S = 2.0  # timed predicts per batch size: at least this long, and at least 3 batches
 DRAIN_S = 4.0  # jobs queued per run: about this many seconds of ceiling work, at least 4 batches
 MAX_JOBS = 6144  # 1.2 GB in Redis
@@ -174,18 +178,61 @@ def worker(models: list[str], batches: list[int]) -> dict:
             servable = servable_of(name)
             for b in batches:
                 x = np.random.default_rng(2).integers(0, 256, (b, 224, 224, 3), np.uint8)
-                ceiling = rate(servable.predict, x)
-                count = min(MAX_JOBS, max(4 * b, round(ceiling * DRAIN_S / b) * b))
+                ceiling = rate(servable.predict, x) if name != "no_model" else None  # no model: no ceiling
+                count = min(MAX_JOBS, max(4 * b, round(ceiling * DRAIN_S / b) * b)) if ceiling else MAX_JOBS
                 tier = drain(servable, f"redis://127.0.0.1:{port}/0", b, count)
                 tier["ceiling_images_per_s"] = ceiling
-                if name != "no_model":
+                if ceiling:
                     tier["stage_ms"]["preprocess_in_model"] = preprocess_ms(servable, name, x, ceiling)
                 entry["batches"][b] = tier
-                print(f"{name} batch {b}: {tier['images_per_s']:.0f}/s, ceiling {ceiling:.0f}/s", file=sys.stderr)
+                print(f"{name} batch {b}: {tier['images_per_s']:.0f}/s, ceiling {ceiling}", file=sys.stderr)
             results[name] = entry
     finally:
         stop(redis_process)
     return results
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process and its children (gunicorn's workers) so far."""
+    ticks = os.sysconf("SC_CLK_TCK")
+    with open(f"/proc/{pid}/task/{pid}/children") as f:
+        children = [int(c) for c in f.read().split()]
+    total = 0.0
+    for each in (pid, *children):
+        with open(f"/proc/{each}/stat") as f:
+            fields = f.read().rpartition(")")[2].split()
+        total += (int(fields[11]) + int(fields[12])) / ticks  # utime, stime
+    return total
+
+
+def whole_system(duration: float, concurrency: int) -> dict:
+    """stress_test.py against /predict of the whole stack on this machine, and where the CPU went."""
+    import resource
+
+    from bench.common import ModelSpec, our_stack, photo, stress, summary
+
+    spec = ModelSpec("near_free", pathlib.Path(model_file("near_free")), "caffe", "", photo())
+    stack, url = our_stack(spec, BATCH_SIZE="64")
+    try:
+        model, web = stack.processes
+        parts = {"web tier": web.pid, "model server": model.pid, "redis": stack.redis_process.pid}
+        stress(url, spec.image, "--requests", "200", "--concurrency", "16")  # warm connections, not measured
+        before = {name: cpu_seconds(pid) for name, pid in parts.items()}
+        client_before = resource.getrusage(resource.RUSAGE_CHILDREN)
+        run = stress(url, spec.image, "--duration", str(duration), "--concurrency", str(concurrency))
+        client = resource.getrusage(resource.RUSAGE_CHILDREN)
+        cpu = {name: cpu_seconds(pid) - before[name] for name, pid in parts.items()}
+        cpu["stress_test.py"] = client.ru_utime + client.ru_stime - client_before.ru_utime - client_before.ru_stime
+        sizes = [size for size, _ in stack.batches()]
+    finally:
+        stack.close()
+    seconds = run["duration_s"]
+    return {
+        **summary(run),
+        "concurrency": concurrency,
+        "cores_used": {name: round(c / seconds, 2) for name, c in cpu.items()},
+        "mean_batch": round(statistics.mean(sizes), 1) if sizes else 0,
+    }
 
 
 def run_backend(backend: str, models: list[str], batches: list[int]) -> dict:
@@ -205,15 +252,25 @@ def report(results: dict) -> str:
         "| take ms | decode ms | predict ms | (preprocess in it) ms | answer ms |",
         "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
-    for backend, models in results.items():
+    for backend, models in backends(results):
         for name, entry in models.items():
             for b, t in entry["batches"].items():
-                s = t["stage_ms"]
+                s, ceiling = t["stage_ms"], t["ceiling_images_per_s"]
+                share = f"{ceiling:.0f} | {t['images_per_s'] / ceiling:.0%}" if ceiling else "- | -"
                 lines.append(
-                    f"| {backend} | {name} | {b} | {t['images_per_s']:.0f} | {t['ceiling_images_per_s']:.0f} "
-                    f"| {t['images_per_s'] / t['ceiling_images_per_s']:.0%} | {s['take']:.1f} | {s['decode']:.1f} "
-                    f"| {s['model']:.1f} | {s.get('preprocess_in_model', 0):.1f} | {s['answer']:.1f} |"
+                    f"| {backend} | {name} | {b} | {t['images_per_s']:.0f} | {share} | {s['take']:.1f} "
+                    f"| {s['decode']:.1f} | {s['model']:.1f} | {s.get('preprocess_in_model', 0):.1f} "
+                    f"| {s['answer']:.1f} |"
                 )
+    if system := results.get("system"):
+        cores = ", ".join(f"{name} {n:.2f}" for name, n in system["cores_used"].items())
+        lines += [
+            "",
+            f"Whole system, near_free model, BATCH_SIZE=64, `stress_test.py --concurrency {system['concurrency']}` "
+            f"with a 640x480 JPEG: {system['rps']:.0f} req/s, p50 {system['p50_ms']:.0f} ms, "
+            f"p99 {system['p99_ms']:.0f} ms, {system['ok']}/{system['requests']} ok, "
+            f"mean batch {system['mean_batch']}. Cores used: {cores} (of 2).",
+        ]
     lines += [
         "",
         "A batch size not seen before (ms): its first call on a fresh model, a warm call at that size, and the "
@@ -222,7 +279,7 @@ def report(results: dict) -> str:
         "| backend | model | size | first call | warm call | padded call (after warm-up) |",
         "| --- | --- | ---: | ---: | ---: | ---: |",
     ]
-    for backend, models in results.items():
+    for backend, models in backends(results):
         for name, entry in models.items():
             costs = entry["first_seen_ms"]
             for n in costs.get("first", {}):
@@ -232,18 +289,24 @@ def report(results: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def backends(results: dict) -> list[tuple[str, dict]]:
+    return [(backend, models) for backend, models in results.items() if backend != "system"]
+
+
 def plot(results: dict, path: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    panels = [(backend, name) for backend, models in results.items() for name in models]
+    panels = [(backend, name) for backend, models in backends(results) for name in models]
     fig, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels), 4), squeeze=False)
     for ax, (backend, name) in zip(axes[0], panels, strict=True):
         runs = results[backend][name]["batches"]
         sizes = [int(b) for b in runs]
-        ax.plot(sizes, [runs[b]["ceiling_images_per_s"] for b in runs], "k:", marker=".", label="predict ceiling")
+        if all(runs[b]["ceiling_images_per_s"] for b in runs):
+            ceilings = [runs[b]["ceiling_images_per_s"] for b in runs]
+            ax.plot(sizes, ceilings, "k:", marker=".", label="predict ceiling")
         ax.plot(sizes, [runs[b]["images_per_s"] for b in runs], marker="o", label="model tier")
         ax.set(xscale="log", yscale="log", xlabel="BATCH_SIZE", ylabel="images/s", title=f"{name} ({backend})")
         ax.set_xticks(sizes, [str(s) for s in sizes])
@@ -258,6 +321,7 @@ def main() -> None:
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS)
     parser.add_argument("--batches", nargs="+", type=int, default=list(BATCHES))
     parser.add_argument("--backends", nargs="+", default=["tensorflow", "jax"], choices=["tensorflow", "jax", "torch"])
+    parser.add_argument("--system", type=float, default=20.0, help="seconds of the whole-system run (0: none)")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--json", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -275,6 +339,9 @@ def main() -> None:
                 results[backend].update(run_backend(backend, [name], batches) if batches else {})
         else:
             results[backend] = run_backend(backend, args.models, args.batches)
+    if args.system:
+        print("whole system", file=sys.stderr, flush=True)
+        results["system"] = whole_system(args.system, concurrency=64)
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "model_tier.json").write_text(json.dumps(results, indent=1))
     (RESULTS / "model_tier.md").write_text(report(results))
