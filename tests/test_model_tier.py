@@ -122,13 +122,19 @@ def test_served_probabilities_equal_keras_predict_on_numpy_preprocessed_pixels(r
 # The pipeline: batches overlap, every job is answered once, nothing stays in flight.
 
 
-def test_the_next_batch_is_taken_while_one_computes_and_every_job_is_answered_once(r, model_servers):
+def two_batches_held(r, model_servers, jobs: int) -> tuple[Timed, object, list[str]]:
+    """A server of batches of 4 whose predict is held at its gate: one batch computing, the next taken."""
     servable = timed()
     server = model_servers.start(servable, batch_size=4)
     servable.gate.clear()
-    ids = submit(r, servable, 14)
-
+    ids = submit(r, servable, jobs)
     wait_until(lambda: sorted(held(r, server)) == [0, 4, 4], 30, "one batch computing, the next taken")
+    return servable, server, ids
+
+
+def test_the_next_batch_is_taken_while_one_computes_and_every_job_is_answered_once(r, model_servers):
+    servable, server, ids = two_batches_held(r, model_servers, 14)
+
     assert r.llen(server.keys.queue) == 6
     servable.gate.set()
     results = wait_answered(r, servable, 14)
@@ -140,11 +146,7 @@ def test_the_next_batch_is_taken_while_one_computes_and_every_job_is_answered_on
 
 
 def test_a_stop_computes_and_answers_the_batches_taken_and_leaves_the_rest_queued(r, model_servers):
-    servable = timed()
-    server = model_servers.start(servable, batch_size=4)
-    servable.gate.clear()
-    ids = submit(r, servable, 12)
-    wait_until(lambda: sorted(held(r, server)) == [0, 4, 4], 30, "two batches held")
+    servable, server, ids = two_batches_held(r, model_servers, 12)
 
     server.stop()
     servable.gate.set()
