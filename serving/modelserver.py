@@ -126,7 +126,7 @@ class ModelServer:
             if slot is None:
                 return
             try:
-                batch = self.take_batch(slot)
+                batch = self._take_batch(slot)
             except redis.RedisError as exc:
                 log.warning("redis unavailable (%s); retrying", exc)
                 self._ready.release()
@@ -162,7 +162,7 @@ class ModelServer:
         self._free_slots.put(slot)
         return None
 
-    def take_batch(self, slot: int) -> Batch | None:
+    def _take_batch(self, slot: int) -> Batch | None:
         """Take and decode one batch into `slot`, answering at once what cannot be computed in time;
         None when no job came within block_s."""
         started = time.perf_counter()
@@ -211,7 +211,7 @@ class ModelServer:
     def _answer_loop(self) -> None:
         while (batch := self._to_answer.get()) is not None:
             try:
-                self.answer_batch(batch)
+                self._answer_batch(batch)
             except redis.RedisError as exc:  # its jobs stay in the slot: the slot's next take requeues them
                 log.warning("could not answer a batch (%s); its jobs go back to the queue", exc)
             except Exception:  # the same, rather than a pipeline that stops answering
@@ -219,7 +219,7 @@ class ModelServer:
             finally:
                 self._free_slots.put(batch.slot)
 
-    def answer_batch(self, batch: Batch) -> None:
+    def _answer_batch(self, batch: Batch) -> None:
         """Deliver a computed batch's answers, drop its in-flight list, count and log it."""
         started = time.perf_counter()
         batch.answers = batch.results()
