@@ -2,11 +2,12 @@
 # make test: install the test requirements and run the whole suite (two workers; the process-level tests on one).
 # make bench / make sweep: the side-by-side benchmark and the batching sweep (bench/results/).
 # make bench-overload: goodput, refusals and latency from 0.5x to 10x capacity (bench/results/overload.*).
+# make bench-model: one model server draining a full queue against its model's predict ceiling.
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: run test lint bench sweep bench-overload
+.PHONY: run test lint bench sweep bench-overload bench-model
 
 run: $(VENV)/.run-deps
 	$(BIN)/python scripts/run.py
@@ -26,6 +27,9 @@ sweep: $(VENV)/.test-deps
 
 bench-overload: $(VENV)/.test-deps
 	$(BIN)/python -m bench.overload
+
+bench-model: $(VENV)/.test-deps
+	$(BIN)/python -m bench.model_tier
 
 $(VENV)/.run-deps: requirements.txt requirements-web.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)

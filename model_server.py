@@ -1,7 +1,8 @@
 """The model tier: load MODEL, then take batches of its jobs from Redis and answer them until stopped.
 
 Run one per GPU (pin it with CUDA_VISIBLE_DEVICES); any number, for any number of models, may
-share one Redis. SIGTERM or Ctrl-C: finish the batch in hand, take no more, exit 0.
+share one Redis. KERAS_BACKEND picks TensorFlow (the default), JAX or PyTorch. SIGTERM or Ctrl-C:
+compute and answer the batches in hand, take no more, exit 0.
 The loop itself is serving.modelserver.ModelServer.
 """
 
@@ -10,8 +11,6 @@ from __future__ import annotations
 import logging
 import signal
 import sys
-
-import numpy as np
 
 from serving import connections, logs, zoo
 from serving.modelserver import BLOCK_S, ModelServer
@@ -40,7 +39,9 @@ def main() -> int:
     except zoo.ModelUnavailable as exc:
         log.error("%s", exc)
         return 2
-    servable.predict(np.zeros((1, *servable.info.shape), np.uint8))  # build the graph before traffic
+    import keras  # loaded by zoo.load already: which backend it runs on is worth a line in the log
+
+    logs.event(log, "loaded", model=settings.model, backend=keras.backend.backend())
     r = connections.connect(settings.redis_url, socket_timeout=BLOCK_S + 5)
     server = ModelServer(servable, r, settings)
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -1,7 +1,8 @@
 """The ceiling: the model's own batched predict on ready uint8 tensors, as the model server calls it.
 
-Also measures Keras' `model.predict`, the call most single-file servers make, to show what the
-model server gains by calling `predict_on_batch` instead (no tf.data pipeline per call).
+Also measures Keras' `model.predict` of the same uint8-input model, the call most single-file
+servers make, to show what the model server gains by calling `predict_on_batch` instead (no
+tf.data pipeline per call).
 
     python bench/ceiling.py PATH PREPROCESS [BATCH ...]
       ->  JSON {"predict_on_batch": {batch: images/s}, "predict": {batch: images/s}}
@@ -35,7 +36,7 @@ def main(path: str, preprocess: str, batches: list[int]) -> None:
     servable = zoo.load(path, preprocess=preprocess)
 
     def classic(x: np.ndarray) -> object:
-        return servable.model.predict(servable.preprocess(x.astype(np.float32)), verbose=0)
+        return servable.served.predict(x, verbose=0)
 
     calls = {"predict_on_batch": servable.predict, "predict": classic}
     shape = servable.info.shape

@@ -50,6 +50,8 @@ _HISTOGRAMS = {
 COUNTERS = {
     "images": "Images the model servers classified",
     "expired": "Images skipped because their client had stopped waiting",
+    "late": "Images answered 'late' before compute: their answer could not have arrived before the deadline",
+    "finished_late": "Images computed and answered after their deadline all the same",
     "malformed": "Queue messages dropped as malformed",
     "model_changed": "Images refused because they were prepared for another input shape of the model",
 }

@@ -1,26 +1,31 @@
 """The model tier's loop: take a batch of one model's jobs from Redis, run one predict, answer every job.
 
-Built from its parts (a servable, a Redis client, the settings), so the loop runs in-process in
-tests as well as in `python model_server.py`.
+A pipeline of three threads keeps the accelerator busy: while predict runs batch N (it releases
+the GIL), this server's main thread takes and decodes batch N+1 and its answering thread answers
+batch N-1. Each batch lives in one of the server's in-flight lists (queue.INFLIGHT_SLOTS) from its
+take until its answers are delivered, so a crash at any point loses nothing. Built from its parts
+(a servable, a Redis client, the settings), so the loop runs in-process in tests as well as in
+`python model_server.py`.
 """
 
 from __future__ import annotations
 
 import logging
+import queue as threadqueue
 import threading
 import time
 import uuid
-from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass, field
 
 import numpy as np
 import redis
 
 from serving import logs, metrics, wire
+from serving.batch import Batch, Intake
 from serving.clock import RedisClock
-from serving.queue import ServerQueue
+from serving.queue import INFLIGHT_SLOTS, ServerQueue
 from serving.registry import Registration
+from serving.speed import Meter, allowed_sizes, padded
 from serving.zoo import Servable
 from settings import Settings
 
@@ -28,20 +33,8 @@ log = logging.getLogger("model_server")
 
 # How long one blocking take may wait before the loop looks at the stop flag again.
 BLOCK_S = 1.0
-
-
-@dataclass
-class Batch:
-    """What one batch held and what became of it: logged, counted, and handed to `on_batch`."""
-
-    jobs: list[wire.Job] = field(default_factory=list)
-    answers: list[tuple[str, wire.Result]] = field(default_factory=list)  # (reply_to, result)
-    counts: Counter[str] = field(default_factory=Counter)  # metrics.COUNTERS: expired, malformed, ...
-    model_seconds: float = 0.0
-
-    @property
-    def request_ids(self) -> list[str]:
-        return [job.request_id for job in self.jobs]
+# How often a thread waiting for its turn in the pipeline looks at the stop flag.
+POLL_S = 0.1
 
 
 class ModelServer:
@@ -65,10 +58,21 @@ class ModelServer:
         self.on_batch = on_batch
         self.block_s = block_s  # how soon a stop is noticed while no job comes
         self.stopping = threading.Event()
-        self.started = threading.Event()  # set once it has announced itself and takes jobs
+        self.started = threading.Event()  # set once it has warmed up, announced itself and takes jobs
+        self.sizes = allowed_sizes(settings.batch_size)
+        # One pixel array per in-flight slot: a slot's rows are rewritten only after its batch is answered.
+        self.rows = [np.zeros((settings.batch_size, *servable.info.shape), np.uint8) for _ in range(INFLIGHT_SLOTS)]
+        self.meter: Meter | None = None  # measured by warm_up()
+        self._free_slots: threadqueue.Queue[int] = threadqueue.Queue()
+        self._to_predict: threadqueue.Queue[Batch | None] = threadqueue.Queue()
+        self._to_answer: threadqueue.Queue[Batch | None] = threadqueue.Queue()
+        # Held from the take of a batch until predict picks it up: at most one batch waits, ready.
+        self._ready = threading.Semaphore(1)
+        self._busy_until = 0.0  # monotonic time the batch in predict should be done
 
     def run(self) -> None:
-        """Serve until stop(): then finish the batch in hand, give back anything held, and leave."""
+        """Serve until stop(): then compute and answer every batch taken, give back anything held, and leave."""
+        self.warm_up()
         while not self.stopping.is_set():  # Redis may come up after us
             try:
                 self._beat()
@@ -76,78 +80,176 @@ class ModelServer:
             except redis.RedisError as exc:
                 log.warning("redis unavailable (%s); retrying", exc)
                 self.stopping.wait(1.0)
-        heartbeat = threading.Thread(target=self._heartbeat, name="heartbeat", daemon=True)
-        heartbeat.start()
+        threads = [
+            threading.Thread(target=self._heartbeat, name="heartbeat", daemon=True),
+            threading.Thread(target=self._predict_loop, name="predict", daemon=True),
+            threading.Thread(target=self._answer_loop, name="answer", daemon=True),
+        ]
+        for thread in threads:
+            thread.start()
+        for slot in range(INFLIGHT_SLOTS):
+            self._free_slots.put(slot)
         logs.event(log, "serving", model=self.keys.name, version=self.keys.version, server_id=self.server_id)
         self.started.set()
-        while not self.stopping.is_set():
-            try:
-                self.serve_one_batch()
-            except redis.RedisError as exc:
-                log.warning("redis unavailable (%s); retrying", exc)
-                self.stopping.wait(1.0)
+        self._take_loop()
+        self._to_predict.put(None)  # the pipeline drains: what was taken is computed and answered
+        for thread in reversed(threads):
+            thread.join()
         self._leave()
-        heartbeat.join()
         log.info("stopped")
 
     def stop(self) -> None:
         self.stopping.set()
 
-    def serve_one_batch(self, slot: int = 0) -> Batch | None:
-        """Take, predict and answer one batch; None when no job came within block_s."""
-        raw = self.queue.take(slot, self.settings.batch_size, self.settings.batch_wait_ms / 1000, self.block_s)
+    def warm_up(self) -> None:
+        """Compile every allowed batch size before traffic and measure each, so the first Speed is real."""
+        shape, seconds = self.servable.info.shape, {}
+        for size in self.sizes:
+            batch = np.zeros((size, *shape), np.uint8)
+            self.servable.predict(batch)  # compiles this shape
+            started = time.perf_counter()
+            self.servable.predict(batch)
+            seconds[size] = time.perf_counter() - started
+        # Until live batches say more, the time outside predict is what decoding a full batch takes.
+        sample = wire.Job("warm-up", "", np.zeros(shape, np.uint8), 0.0, None).encode()
+        started = time.perf_counter()
+        for row in self.rows[0]:
+            row[...] = wire.Job.decode(sample).pixels
+        self.meter = Meter(self.sizes, seconds, time.perf_counter() - started)
+        logs.event(log, "warmed up", sizes=",".join(map(str, self.sizes)), **_ms_fields(seconds))
+
+    # The three stages, each in its own thread, hand batches on through queues.
+
+    def _take_loop(self) -> None:
+        while not self.stopping.is_set():
+            slot = self._turn()
+            if slot is None:
+                return
+            try:
+                batch = self._take_batch(slot)
+            except redis.RedisError as exc:
+                log.warning("redis unavailable (%s); retrying", exc)
+                self._ready.release()
+                self._free_slots.put(slot)
+                self.stopping.wait(1.0)
+                continue
+            if batch is None:
+                self._ready.release()
+                self._free_slots.put(slot)
+            elif not batch.jobs:  # all answered or dropped at take: nothing waits for predict
+                self._ready.release()
+                self._to_answer.put(batch)
+            else:
+                self._to_predict.put(batch)
+
+    def _turn(self) -> int | None:
+        """A free slot, once no taken batch waits for predict any more; None when stopping."""
+        slot = None
+        while slot is None:
+            if self.stopping.is_set():
+                return None
+            try:
+                slot = self._free_slots.get(timeout=POLL_S)
+            except threadqueue.Empty:
+                continue
+        while not self._ready.acquire(timeout=POLL_S):
+            if self.stopping.is_set():
+                break
+        else:
+            if not self.stopping.is_set():
+                return slot
+            self._ready.release()
+        self._free_slots.put(slot)
+        return None
+
+    def _take_batch(self, slot: int) -> Batch | None:
+        """Take and decode one batch into `slot`, answering at once what cannot be computed in time;
+        None when no job came within block_s."""
+        started = time.perf_counter()
+        raw = self.queue.take(slot, 1, 0.0, self.block_s)  # the oldest job first: it sets the batch's size
         if not raw:
             return None
-        batch = self._sort_out(raw)
-        if batch.jobs:
-            batch.answers += self._predict(batch)
-        if self.on_batch:  # before the answers go out: a client that has its answer finds its batch here
-            self.on_batch(batch)
-        self.queue.answer(slot, batch.answers, self.settings.result_ttl_s)
-        metrics.record_batch(self.queue.r, self.keys, len(batch.jobs), batch.model_seconds, **batch.counts)
-        if batch.jobs:  # logged last: a logged batch has been answered and counted
-            ms = round(batch.model_seconds * 1000, 1)
-            logs.event(log, "batch", size=len(batch.jobs), model_ms=ms, request_ids=",".join(batch.request_ids))
+        batch = Batch(slot)
+        now = self.clock.now()
+        intake = Intake(batch, self.rows[slot], self.meter, now, now + max(0.0, self._busy_until - time.monotonic()))
+        window_s, asked = self.settings.batch_wait_ms / 1000, 1
+        while raw:
+            decode_started = time.perf_counter()
+            for message in raw:
+                intake.admit(message)
+            batch.decode_seconds += time.perf_counter() - decode_started
+            ran_dry, asked = len(raw) < asked, intake.wanted()
+            if asked <= 0 or ran_dry:
+                break
+            raw = self.queue.take_more(slot, asked, window_s if batch.jobs else 0.0)
+            if batch.jobs:  # the window opens once, when the batch's size is known
+                window_s = 0.0
+        if batch.rejections or intake.rejected:  # answered now, not after the predict ahead of this batch
+            self.queue.answer(slot, batch.rejections, self.settings.result_ttl_s, taken=intake.rejected)
+        batch.take_seconds = time.perf_counter() - started - batch.decode_seconds
         return batch
 
-    def _sort_out(self, raw: list[bytes]) -> Batch:
-        """The jobs worth computing; the rest answered at once with why, or dropped when unanswerable."""
-        batch, now = Batch(), self.clock.now()
-        for message in raw:
-            try:
-                job = wire.Job.decode(message)
-            except wire.MalformedMessage as exc:
-                logs.event(log, "malformed", logging.ERROR, error=str(exc))
-                batch.counts["malformed"] += 1
-                if address := wire.reply_address(message):
-                    batch.answers.append((address[1], wire.Result(address[0], error_code="malformed", error=str(exc))))
-                continue
-            if job.pixels.shape != self.servable.info.shape:
-                # The model was replaced under the same name: the web tier prepared it for the old one.
-                message = f"{self.keys.name} now takes {self.servable.info.shape} images, not {job.pixels.shape}"
-                batch.answers.append((job.reply_to, failure(job, "model_changed", message)))
-                batch.counts["model_changed"] += 1
-            elif job.deadline < now:
-                logs.event(log, "expired", request_id=job.request_id)  # its client stopped waiting
-                batch.counts["expired"] += 1
-            else:
-                batch.jobs.append(job)
-        return batch
+    def _predict_loop(self) -> None:
+        while (batch := self._to_predict.get()) is not None:
+            batch.size = padded(len(batch.jobs), self.sizes)
+            self._busy_until = time.monotonic() + self.meter.predict_seconds(batch.size)
+            self._ready.release()  # the next batch may be taken while this one computes
+            self._predict(batch)
+            self._to_answer.put(batch)
+        self._to_answer.put(None)
 
-    def _predict(self, batch: Batch) -> list[tuple[str, wire.Result]]:
+    def _predict(self, batch: Batch) -> None:
         started = time.perf_counter()
         try:
-            probabilities = self.servable.predict(np.stack([job.pixels for job in batch.jobs]))
+            batch.probabilities = self.servable.predict(self.rows[batch.slot][: batch.size])[: len(batch.jobs)]
         except Exception as exc:  # e.g. out of memory: fail this batch, not the server
             log.exception("predict failed on a batch of %d", len(batch.jobs))
-            return [(job.reply_to, failure(job, "model_error", type(exc).__name__)) for job in batch.jobs]
+            batch.failure = type(exc).__name__
         finally:
             batch.model_seconds = time.perf_counter() - started
-        return [(job.reply_to, result_of(job, p)) for job, p in zip(batch.jobs, probabilities, strict=True)]
+
+    def _answer_loop(self) -> None:
+        while (batch := self._to_answer.get()) is not None:
+            try:
+                self._answer_batch(batch)
+            except redis.RedisError as exc:  # its jobs stay in the slot: the slot's next take requeues them
+                log.warning("could not answer a batch (%s); its jobs go back to the queue", exc)
+            except Exception:  # the same, rather than a pipeline that stops answering
+                log.exception("could not answer a batch; its jobs go back to the queue")
+            finally:
+                self._free_slots.put(batch.slot)
+
+    def _answer_batch(self, batch: Batch) -> None:
+        """Deliver a computed batch's answers, drop its in-flight list, count and log it."""
+        started = time.perf_counter()
+        batch.answers = batch.results()
+        if self.on_batch:  # before the answers go out: a client that has its answer finds its batch here
+            self.on_batch(batch)
+        self.queue.answer(batch.slot, batch.answers, self.settings.result_ttl_s)
+        now = self.clock.now()
+        batch.counts["finished_late"] += sum(1 for job in batch.jobs if job.deadline < now)
+        metrics.record_batch(self.queue.r, self.keys, len(batch.jobs), batch.model_seconds, **batch.counts)
+        batch.answer_seconds = time.perf_counter() - started
+        if batch.jobs:
+            self.meter.observe(batch.size, batch.model_seconds, batch.extra_seconds)
+            self._log(batch)  # logged last: a logged batch has been answered and counted
+
+    def _log(self, batch: Batch) -> None:
+        stages = {
+            "take_ms": batch.take_seconds,
+            "decode_ms": batch.decode_seconds,
+            "model_ms": batch.model_seconds,
+            "answer_ms": batch.answer_seconds,
+        }
+        counts = {name: n for name, n in batch.counts.items() if n}
+        ids = ",".join(batch.request_ids)
+        logs.event(log, "batch", size=len(batch.jobs), padded=batch.size, **_ms(stages), **counts, request_ids=ids)
+
+    # Presence: heartbeat with this server's speed, reaping of dead peers, leaving.
 
     def _beat(self) -> None:
         s = self.settings
-        self.registration.beat(self.clock.now(), s.heartbeat_ttl_s, s.no_server_grace_s)
+        self.registration.beat(self.clock.now(), s.heartbeat_ttl_s, s.no_server_grace_s, speed=self.meter.speed())
 
     def _heartbeat(self) -> None:
         """In its own thread so a long predict never makes this server look dead."""
@@ -174,13 +276,9 @@ class ModelServer:
             log.warning("could not leave cleanly: %s", exc)
 
 
-def failure(job: wire.Job, code: str, message: str) -> wire.Result:
-    return wire.Result(job.request_id, error_code=code, error=message)
+def _ms(seconds: dict[str, float]) -> dict[str, float]:
+    return {name: round(s * 1000, 2) for name, s in seconds.items()}
 
 
-def result_of(job: wire.Job, probabilities: np.ndarray) -> wire.Result:
-    """The answer a job asked for: its top_k classes, or every probability."""
-    if job.top_k is None:
-        return wire.Result(job.request_id, probabilities=probabilities.astype(np.float32))
-    best = np.argsort(-probabilities, kind="stable")[: job.top_k]
-    return wire.Result(job.request_id, top=tuple((int(i), float(probabilities[i])) for i in best))
+def _ms_fields(seconds: dict[int, float]) -> dict[str, float]:
+    return _ms({f"predict_{size}_ms": s for size, s in seconds.items()})

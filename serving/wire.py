@@ -14,6 +14,8 @@ import json
 from dataclasses import dataclass
 
 import numpy as np
+import orjson
+import pybase64
 
 PREFIX = "serving"
 # Sorted set of "name:version" -> Redis time (s) of the last heartbeat of any of its model servers.
@@ -130,12 +132,14 @@ class ModelInfo:
 class Speed:
     """How fast one model server is, as it measured itself: what the web tier's admission reads.
 
-    A full batch every batch_seconds[batch_size] is the server's throughput; a job's answer comes
-    about batch_seconds[n] + extra_seconds after the start of its batch of n.
+    A full batch every batch_seconds[batch_size] is the server's throughput (the server takes and
+    answers batches while the next one computes); a job's answer comes about batch_seconds[n] +
+    extra_seconds after the start of its batch of n. The keys are the server's allowed batch
+    sizes (batch_size among them): a batch of fewer images is padded to the next one.
     """
 
     batch_size: int  # the most images it puts into one predict
-    batch_seconds: dict[int, float]  # images in a batch -> moving estimate of one predict's time
+    batch_seconds: dict[int, float]  # allowed batch size -> moving estimate of one predict's time
     extra_seconds: float = 0.0  # moving estimate of a batch's time outside predict (take, decode, answer)
 
     def encode(self) -> str:
@@ -181,13 +185,17 @@ class Job:
 
     @classmethod
     def decode(cls, raw: str | bytes) -> Job:
-        """Parse a queue message, raising MalformedMessage for anything but a well-formed job."""
+        """Parse a queue message, raising MalformedMessage for anything but a well-formed job.
+
+        The model server's hot path: orjson and pybase64 (SIMD, and faster still when validating)
+        take 55 us for a 224x224 RGB job where json and base64 took 475 us.
+        """
         try:
-            msg = json.loads(raw)
+            msg = orjson.loads(raw)
             shape = tuple(int(n) for n in msg["shape"])
             if msg["dtype"] != "uint8" or len(shape) != 3 or min(shape) < 1:
                 raise MalformedMessage(f"bad dtype/shape {msg['dtype']!r} {shape}")
-            data = base64.b64decode(msg["data"], validate=True)
+            data = pybase64.b64decode(msg["data"], validate=True)
             pixels = np.frombuffer(data, np.uint8).reshape(shape)
             top_k = None if msg["top_k"] is None else int(msg["top_k"])
             return cls(str(msg["id"]), str(msg["reply_to"]), pixels, float(msg["deadline"]), top_k)
@@ -200,7 +208,7 @@ class Job:
 def reply_address(raw: str | bytes) -> tuple[str, str] | None:
     """(request id, reply_to) of a message that may be malformed otherwise; None if it has neither."""
     try:
-        msg = json.loads(raw)
+        msg = orjson.loads(raw)
         return str(msg["id"]), str(msg["reply_to"])
     except (ValueError, KeyError, TypeError):
         return None

@@ -1,15 +1,16 @@
 """The models we serve: how to load each, its preprocessing and its class names.
 
 Only the model server imports this module (it imports Keras); the web tier learns what it needs
-from the ModelInfo the model server publishes.
+from the ModelInfo the model server publishes. A loaded model is wrapped in one that takes uint8
+pixels and does the cast and the ImageNet arithmetic itself, so the host hands the accelerator one
+byte a pixel and the accelerator, not numpy, does the arithmetic.
 """
 
 from __future__ import annotations
 
 import os
 import pathlib
-from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 import numpy as np
@@ -22,6 +23,10 @@ IMAGENET_CLASSES = _HERE / "data" / "imagenet_classes.txt"
 DIGITS = REPO / "models" / "digits.keras"
 
 PREPROCESS_MODES = ("caffe", "tf", "torch", "none")
+# keras.applications.imagenet_utils' constants: caffe subtracts BGR means; torch scales to [0, 1] and standardizes.
+_CAFFE_BGR_MEAN = (103.939, 116.779, 123.68)
+_TORCH_MEAN = (0.485, 0.456, 0.406)
+_TORCH_STD = (0.229, 0.224, 0.225)
 
 
 class ModelUnavailable(RuntimeError):
@@ -60,12 +65,15 @@ class KerasServable:
     """A loaded Keras model ready to classify uint8 image batches."""
 
     info: ModelInfo
-    model: object  # keras.Model
-    preprocess: Callable[[np.ndarray], np.ndarray]
+    model: object  # the keras.Model as loaded: float input, preprocessed as `preprocess` says
+    preprocess: str  # one of PREPROCESS_MODES
+    served: object = field(init=False)  # what predict runs: `model` behind a uint8 input, preprocessing inside
+
+    def __post_init__(self) -> None:
+        self.served = with_uint8_input(self.model, self.preprocess)
 
     def predict(self, batch: np.ndarray) -> np.ndarray:
-        x = self.preprocess(batch.astype(np.float32))
-        out = np.asarray(self.model.predict_on_batch(x), np.float64)
+        out = np.asarray(self.served.predict_on_batch(batch), np.float64)
         return _as_probabilities(out)
 
 
@@ -85,7 +93,7 @@ def load(
             f"unknown MODEL {model!r}: use one of {', '.join([*APPLICATIONS, 'digits'])} or a path to a .keras/.h5 file"
         )
     info = _model_info(name or model, version, keras_model, names)
-    return KerasServable(info, keras_model, _preprocessor(mode))
+    return KerasServable(info, keras_model, mode)
 
 
 def _load_application(name: str, weights: str) -> object:
@@ -139,14 +147,28 @@ def _model_info(name: str, version: int, model: object, labels: list[str]) -> Mo
     return ModelInfo(name, version, height, width, channels, tuple(labels))
 
 
-def _preprocessor(mode: str) -> Callable[[np.ndarray], np.ndarray]:
+def with_uint8_input(model: object, mode: str) -> object:
+    """`model` behind a uint8 input: the cast and PREPROCESS arithmetic run inside the compiled graph.
+
+    Computes what keras.applications.imagenet_utils.preprocess_input does in numpy, in keras.ops, so
+    it runs on any backend and on the accelerator.
+    """
+    import keras
+    from keras import ops
+
     if mode not in PREPROCESS_MODES:
         raise ModelUnavailable(f"PREPROCESS={mode!r}: use one of {', '.join(PREPROCESS_MODES)}")
-    if mode == "none":
-        return lambda x: x
-    from keras.applications import imagenet_utils
-
-    return lambda x: imagenet_utils.preprocess_input(x, data_format="channels_last", mode=mode)
+    if mode != "none" and model.input_shape[-1] != 3:
+        raise ModelUnavailable(f"PREPROCESS={mode} is ImageNet's RGB arithmetic; this model takes 1 channel")
+    pixels = keras.Input(model.input_shape[1:], dtype="uint8", name="pixels")
+    x = ops.cast(pixels, "float32")
+    if mode == "caffe":
+        x = ops.flip(x, axis=-1) - np.array(_CAFFE_BGR_MEAN, np.float32)
+    elif mode == "tf":
+        x = x / 127.5 - 1.0
+    elif mode == "torch":
+        x = (x / 255.0 - np.array(_TORCH_MEAN, np.float32)) / np.array(_TORCH_STD, np.float32)
+    return keras.Model(pixels, model(x), name=f"{model.name}_uint8")
 
 
 def _as_probabilities(out: np.ndarray) -> np.ndarray:
