@@ -120,7 +120,7 @@ def test_registry_lists_announced_models_and_counts_only_beating_servers(r):
 def test_a_queue_may_fill_up_to_its_limit_exactly(r, alive):
     assert queue.submit(r, KEYS, [job("a"), job("b"), job("c")], limit=3) == (queue.Submitted.QUEUED, 0)
     assert queue.submit(r, KEYS, [job("d")], limit=3) == (queue.Submitted.FULL, 3)
-    assert queue.depth(r, KEYS) == 3
+    assert r.llen(KEYS.queue) == 3
 
 
 def test_take_waits_out_its_window_for_a_full_batch_and_takes_no_more_than_asked(r, alive):
@@ -206,3 +206,25 @@ def test_registry_forgets_a_server_that_leaves_and_skips_what_it_cannot_read(r):
     state = registry.state(r, KEYS)
     assert (state.live_servers, state.alive, state.ready) == (1, True, True)  # "junk" still beats
     assert "s1" not in server.peers() and not r.hexists(KEYS.speeds, "s1")
+
+
+def test_take_more_adds_to_a_slot_already_holding_jobs(r, alive):
+    queue.submit(r, KEYS, [job(f"j{n}") for n in range(4)], limit=10)
+    server = queue.ServerQueue(r, KEYS, "s1")
+    server.take(0, 1, 0, 0.1)  # j0
+
+    assert ids(server.take_more(0, 2, wait_s=0)) == ["j1", "j2"]
+    assert ids(server.take_more(0, 0, wait_s=30)) == []  # nothing asked for: back at once
+    assert ids(reversed(r.lrange(KEYS.inflight("s1", 0), 0, -1))) == ["j0", "j1", "j2"]
+
+
+def test_answering_some_of_a_slot_keeps_the_others_held(r, alive):
+    queue.submit(r, KEYS, [job("a", "w1"), job("b", "w1"), job("c", "w1")], limit=10)
+    server = queue.ServerQueue(r, KEYS, "s1")
+    server.take(0, 3, 0, 0.1)  # a, b, c: taken first, second, third
+
+    server.answer(0, [("w1", wire.Result("a", top=((7, 1.0),))), ("w1", wire.Result("c", top=((7, 1.0),)))], 30, [0, 2])
+
+    assert ids(r.lrange(KEYS.inflight("s1", 0), 0, -1)) == ["b"]
+    assert [wire.Result.decode(m).request_id for m in r.lrange(KEYS.inbox("w1"), 0, -1)] == ["a", "c"]
+    assert server.give_back() == 1 and ids(r.lrange(KEYS.queue, 0, -1)) == ["b"]
