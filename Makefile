@@ -1,5 +1,5 @@
 # make run: install the pinned requirements and serve MODEL on PORT (Ctrl-C stops).
-# make test: install the test requirements and run the whole suite.
+# make test: install the test requirements and run the whole suite (two workers; the process-level tests on one).
 # make bench / make sweep: the side-by-side benchmark and the batching sweep (bench/results/).
 # make bench-overload: goodput, refusals and latency from 0.5x to 10x capacity (bench/results/overload.*).
 # make bench-model: one model server draining a full queue against its model's predict ceiling.
@@ -14,7 +14,7 @@ run: $(VENV)/.run-deps
 
 test: $(VENV)/.test-deps
 	bash scripts/install_browser.sh
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n 2 --dist loadgroup
 
 lint: $(VENV)/.test-deps
 	$(BIN)/ruff check .

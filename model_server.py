@@ -19,18 +19,23 @@ from settings import Settings
 log = logging.getLogger("model_server")
 
 
+def load(settings: Settings) -> zoo.KerasServable:
+    """The model these settings name, as this server serves it; raises zoo.ModelUnavailable."""
+    return zoo.load(
+        settings.model,
+        settings.model_weights,
+        settings.labels,
+        settings.preprocess,
+        name=settings.model_name,
+        version=settings.model_version,
+    )
+
+
 def main() -> int:
     settings = Settings.from_env()
     logs.setup("model_server", settings)
     try:
-        servable = zoo.load(
-            settings.model,
-            settings.model_weights,
-            settings.labels,
-            settings.preprocess,
-            name=settings.model_name,
-            version=settings.model_version,
-        )
+        servable = load(settings)
     except zoo.ModelUnavailable as exc:
         log.error("%s", exc)
         return 2

@@ -78,13 +78,23 @@ def start_python(script: str, env: dict[str, str], log_path: pathlib.Path | None
 
 def stop(process: subprocess.Popen, timeout_s: float = 40) -> int:
     """SIGTERM, and SIGKILL if it has not exited in time; its exit status."""
-    if process.poll() is None:
-        process.send_signal(signal.SIGTERM)
-    try:
-        return process.wait(timeout=timeout_s)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        return process.wait()
+    return stop_all([process], timeout_s)[0]
+
+
+def stop_all(processes: list[subprocess.Popen], timeout_s: float = 40) -> list[int]:
+    """SIGTERM to all at once, then SIGKILL to any that has not exited in time; their exit statuses."""
+    for process in processes:
+        if process.poll() is None:
+            process.send_signal(signal.SIGTERM)
+    give_up = time.monotonic() + timeout_s
+    statuses = []
+    for process in processes:
+        try:
+            statuses.append(process.wait(timeout=max(0.0, give_up - time.monotonic())))
+        except subprocess.TimeoutExpired:
+            process.kill()
+            statuses.append(process.wait())
+    return statuses
 
 
 class Stack:
@@ -102,6 +112,7 @@ class Stack:
         self.env = {"REDIS_URL": self.redis_url, "MODEL": "digits", "LOG_FORMAT": "json", **env}
         self.processes: list[subprocess.Popen] = []
         self.model_logs: list[pathlib.Path] = []
+        self.web_logs: list[pathlib.Path] = []
 
     def redis(self) -> redis.Redis:
         return redis.Redis.from_url(self.redis_url)
@@ -123,7 +134,8 @@ class Stack:
     def web_server(self, **env: str) -> str:
         """Start a web server on a free port; its base URL once it answers /health."""
         port = free_port()
-        process = self._start("web_server.py", self.workdir / f"web-{port}.log", {"PORT": str(port), **env})
+        self.web_logs.append(self.workdir / f"web-{port}.log")
+        process = self._start("web_server.py", self.web_logs[-1], {"PORT": str(port), **env})
         url = f"http://127.0.0.1:{port}"
         wait_until(lambda: http_ok(f"{url}/health"), 60, f"web server on {port}", process)
         return url
@@ -159,8 +171,7 @@ class Stack:
         return [batch for path in paths for batch in self.logged(path, "batch")]
 
     def close(self) -> None:
-        for process in reversed(self.processes):
-            stop(process, timeout_s=10)
+        stop_all(self.processes, timeout_s=10)
         stop(self.redis_process, timeout_s=10)
 
     def _start(self, script: str, log_path: pathlib.Path, env: dict[str, str]) -> subprocess.Popen:

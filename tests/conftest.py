@@ -1,15 +1,19 @@
 """Fixtures. Most tests run in-process against one real redis-server started for the session and
-flushed before each test: the web tier through Flask's test client, model servers as threads.
+flushed before each test: the web tier through Flask's test client (or, where a test needs real
+HTTP, a werkzeug server in a thread), model servers as threads recording every batch they ran.
 Tests about processes (signals, SIGKILL, outages, gunicorn) start real ones with scripts.processes.
 """
 
 from __future__ import annotations
 
+import contextlib
 import io
 import pathlib
 import threading
+import urllib.parse
 import uuid
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
@@ -18,15 +22,27 @@ import requests
 from flask import Flask
 from flask.testing import FlaskClient
 from PIL import Image
+from werkzeug.test import TestResponse
 
-from scripts.processes import Stack, free_port, start_redis, stop
-from serving import connections, zoo
+from scripts.processes import REPO, Stack, free_port, start_redis, stop
+from serving import connections, wire, zoo
 from serving.app import create_app
 from serving.modelserver import Batch, ModelServer
 from settings import Settings
+from tests.live_server import serving
 
 # In-process model servers notice a stop this soon (the session's Redis checks timeouts at 100 Hz).
 TEST_BLOCK_S = 0.05
+DIGITS = wire.ModelKeys("digits", 1)
+DIGIT = (REPO / "samples" / "digit_3.png").read_bytes()
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Under pytest-xdist (make test), tests that start server processes share one worker: run side by
+    side, their TensorFlow start-ups and timed phases would fight over the machine's cores."""
+    for item in items:
+        if item.get_closest_marker("processes"):
+            item.add_marker(pytest.mark.xdist_group("processes"))
 
 
 @pytest.fixture(scope="session")
@@ -63,7 +79,7 @@ class ModelServers:
 
     def __init__(self, redis_url: str, settings: Settings) -> None:
         self.redis_url = redis_url
-        self.settings = settings
+        self.settings = settings.replace(redis_url=redis_url)
         self.batches: list[Batch] = []
         self.batches_of: dict[str, list[Batch]] = {}  # by server id
         self._running: list[tuple[ModelServer, threading.Thread]] = []
@@ -80,7 +96,7 @@ class ModelServers:
             own.append(batch)
 
         server = ModelServer(servable, r, settings, server_id, on_batch=record, block_s=TEST_BLOCK_S)
-        thread = threading.Thread(target=server.run, name=f"model server {server.server_id}", daemon=True)
+        thread = threading.Thread(target=server.run, name=f"model server {server_id}", daemon=True)
         thread.start()
         assert server.started.wait(30), "the model server did not start"
         self._running.append((server, thread))
@@ -90,6 +106,13 @@ class ModelServers:
     def computed(self) -> list[str]:
         """The request ids of every job computed, in order, once per computation."""
         return [request_id for batch in self.batches for request_id in batch.request_ids]
+
+    def counted(self, name: str) -> int:
+        """How many jobs the servers counted as `name` (metrics.COUNTERS: expired, malformed, ...)."""
+        return sum(batch.counts[name] for batch in self.batches)
+
+    def running(self, server: ModelServer) -> bool:
+        return any(thread.is_alive() for running, thread in self._running if running is server)
 
     def stop(self, server: ModelServer) -> None:
         for running, thread in self._running:
@@ -101,6 +124,12 @@ class ModelServers:
     def close(self) -> None:
         for server, _ in self._running:
             self.stop(server)
+
+    def __enter__(self) -> ModelServers:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.close()
 
 
 @pytest.fixture
@@ -119,7 +148,8 @@ def served(model_servers: ModelServers, digits: zoo.KerasServable) -> ModelServe
 
 @pytest.fixture
 def make_app(r: redis.Redis, settings: Settings) -> Iterator[Callable[..., Flask]]:
-    """Web tiers in-process: make_app(**setting changes) -> a Flask app on the session's Redis."""
+    """Web tiers in-process: make_app(**setting changes) -> a Flask app (on the session's Redis unless
+    redis_url is changed)."""
     apps: list[Flask] = []
 
     def make(**changes: object) -> Flask:
@@ -136,26 +166,86 @@ def client(make_app: Callable[..., Flask]) -> FlaskClient:
     return make_app().test_client()
 
 
-def upload(client: FlaskClient, data: bytes, query: str = "", **form: object) -> object:
+def upload(
+    client: FlaskClient, data: bytes, query: str = "", headers: dict[str, str] | None = None, **form: object
+) -> TestResponse:
     """POST /predict with `data` as the multipart file 'image', like curl -F image=@file."""
-    return client.post(f"/predict{query}", data={"image": (io.BytesIO(data), "image.png"), **form})
+    return client.post(f"/predict{query}", data={"image": (io.BytesIO(data), "image.png"), **form}, headers=headers)
 
 
-@pytest.fixture(scope="session")
-def digits_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    """One Redis, one digits model server and one web server, shared by the tests that only read."""
-    stack = Stack(tmp_path_factory.mktemp("digits"))
-    try:
-        stack.model_server()
-        stack.url = stack.web_server()
-        yield stack
-    finally:
-        stack.close()
+def send(client: FlaskClient, method: str = "POST", path: str = "/predict", **kwargs: object) -> TestResponse:
+    """The request `requests.request(method, url, **kwargs)` would send (files=, data=, json=, params=,
+    headers=), byte for byte, through the test client."""
+    prepared = requests.Request(method, f"http://localhost{path}", **kwargs).prepare()
+    url = urllib.parse.urlsplit(prepared.url)
+    body = prepared.body.encode("iso-8859-1") if isinstance(prepared.body, str) else prepared.body  # as http.client
+    headers = list(prepared.headers.items())
+    return client.open(url.path, method=method, query_string=url.query, headers=headers, data=body)
+
+
+def in_parallel(app: Flask, calls: list[Callable[[FlaskClient], TestResponse]], workers: int) -> list[TestResponse]:
+    """Run each call with a test client of its own, `workers` at a time; the responses in order."""
+    with ThreadPoolExecutor(workers) as pool:
+        return list(pool.map(lambda call: call(app.test_client()), calls))
+
+
+def inflight(r: redis.Redis, keys: wire.ModelKeys) -> list[str]:
+    """The request ids in every model server's in-flight lists of one model."""
+    found = []
+    every_server = keys.inflight("*", 0).removesuffix(":0")  # a pattern: any server id, any slot
+    for key in r.scan_iter(match=every_server):
+        found += [wire.Job.decode(raw).request_id for raw in r.lrange(key, 0, -1)]
+    return found
+
+
+def assert_rejected(
+    r: redis.Redis, served: ModelServers, response: TestResponse | requests.Response, status: int, code: str
+) -> dict:
+    """The contract's JSON error, and proof that the request never reached the model servers: its id is
+    in no batch, and nothing of the model is queued or in flight."""
+    text = response.text
+    assert response.status_code == status, text
+    assert response.headers["Content-Type"].startswith("application/json")
+    body = response.json() if isinstance(response, requests.Response) else response.json
+    assert body["success"] is False and body["error"]["code"] == code, body
+    assert isinstance(body["error"]["message"], str) and body["error"]["message"]
+    assert response.headers["X-Request-ID"] not in served.computed
+    assert r.llen(DIGITS.queue) == 0 and inflight(r, DIGITS) == []
+    return body["error"]
+
+
+@pytest.fixture
+def serve_http() -> Iterator[Callable[[Flask], str]]:
+    """serve_http(app) -> the base URL of a real HTTP server (werkzeug's, threaded) running the app."""
+    with contextlib.ExitStack() as servers:
+        yield lambda app: servers.enter_context(serving(app))
+
+
+@pytest.fixture
+def live_url(served: ModelServers, make_app: Callable[..., Flask], serve_http: Callable[[Flask], str]) -> str:
+    """The web tier over real HTTP, a digits model server behind it."""
+    return serve_http(make_app())
+
+
+@pytest.fixture
+def own_redis() -> Iterator[Callable[..., tuple[str, object]]]:
+    """own_redis(password=None) -> (url, process): a redis-server of the test's own, to stop or protect."""
+    processes = []
+
+    def start(password: str | None = None) -> tuple[str, object]:
+        port = free_port()
+        processes.append(start_redis(port, password, hz=100))
+        auth = f":{password}@" if password else ""
+        return f"redis://{auth}127.0.0.1:{port}/0", processes[-1]
+
+    yield start
+    for process in processes:
+        stop(process, timeout_s=10)
 
 
 @pytest.fixture
 def make_stack(tmp_path: pathlib.Path) -> Iterator[Callable[..., Stack]]:
-    """A stack of the test's own, for tests that start, kill or reconfigure servers."""
+    """A stack of the test's own (Redis, model and web server processes), for tests about processes."""
     stacks: list[Stack] = []
 
     def make(**env: str) -> Stack:
@@ -185,8 +275,17 @@ def png(pixels: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
+def over_http(method: str, url: str, **kwargs: object) -> requests.Response:
+    """One request on a connection of its own, which the server closes once it has answered: requests keeps
+    a connection open while its Response lives, and even an idle one holds a SIGTERM'd gunicorn worker for
+    up to its keep-alive time."""
+    kwargs.setdefault("timeout", 60)
+    headers = {"Connection": "close", **kwargs.pop("headers", {})}
+    return requests.request(method, url, headers=headers, **kwargs)
+
+
 def post_image(url: str, data: bytes, timeout: float = 60, **form: object) -> requests.Response:
-    return requests.post(f"{url}/predict", files={"image": ("image.png", data)}, data=form, timeout=timeout)
+    return over_http("POST", f"{url}/predict", files={"image": ("image.png", data)}, data=form, timeout=timeout)
 
 
 @pytest.fixture(scope="session")

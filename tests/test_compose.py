@@ -5,19 +5,22 @@ Specification's JSON schema, the copy check-jsonschema ships (requirements-dev.t
 Then what Compose and the Dockerfile name is checked against the repo, parsed rather than listed here:
 every path copied or run exists and is in the build context, every command is a real entry point,
 every environment variable is a setting of settings.py, and each tier is handed every setting its
-code reads.
+code reads. The web tier's health check is run against a web tier over real HTTP.
 """
 
 from __future__ import annotations
 
 import ast
 import copy
+import dataclasses
 import functools
 import json
 import os
 import pathlib
 import re
 import shlex
+import subprocess
+import sys
 from dataclasses import dataclass, field
 from importlib import resources
 from urllib.parse import urlparse
@@ -25,6 +28,9 @@ from urllib.parse import urlparse
 import jsonschema
 import pytest
 from ruamel.yaml import YAML
+
+from scripts.processes import free_port
+from settings import Settings
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 COMPOSE = REPO / "docker-compose.yml"
@@ -49,17 +55,20 @@ def _parse(path: pathlib.Path) -> ast.Module:
 
 @functools.cache
 def settings_defaults() -> dict[str, object]:
-    """Every setting in settings.py (a module-level NAME read from the variable NAME) and its default."""
-    found: dict[str, object] = {}
-    for node in _parse(REPO / "settings.py").body:
-        if not (isinstance(node, ast.Assign) and isinstance(node.targets[0], ast.Name)):
-            continue
-        name = node.targets[0].id
-        calls = [c for c in ast.walk(node.value) if isinstance(c, ast.Call) and c.args]
-        for call in calls:
-            if isinstance(call.args[0], ast.Constant) and call.args[0].value == name:
-                default = call.args[1] if len(call.args) > 1 else None
-                found[name] = default.value if isinstance(default, ast.Constant) else None
+    """Every setting (a field of settings.Settings, read from the variable of its name in capitals) and its default."""
+    return {f.name.upper(): f.default for f in dataclasses.fields(Settings)}
+
+
+@functools.cache
+def settings_properties() -> dict[str, set[str]]:
+    """Settings' properties (e.g. max_upload_bytes) -> the fields each is computed from."""
+    (cls,) = [n for n in _parse(REPO / "settings.py").body if isinstance(n, ast.ClassDef) and n.name == "Settings"]
+    found = {}
+    for node in cls.body:
+        if isinstance(node, ast.FunctionDef) and any(ast.unparse(d) == "property" for d in node.decorator_list):
+            found[node.name] = {
+                a.attr for a in ast.walk(node) if isinstance(a, ast.Attribute) and ast.unparse(a.value) == "self"
+            }
     return found
 
 
@@ -122,13 +131,27 @@ def import_closure(entry: pathlib.Path) -> set[pathlib.Path]:
 
 
 def settings_read(entry: pathlib.Path) -> set[str]:
-    """The settings that the code `python entry` runs reads (settings.NAME)."""
+    """The settings that the code `python entry` runs reads, as variable names.
+
+    A setting is read as an attribute of a Settings object: of an expression ending in `settings`
+    (settings.port, self.settings.batch_size, t.settings.top_k) or of a name assigned one (s = self.settings).
+    """
     read: set[str] = set()
     for path in import_closure(entry):
-        for node in ast.walk(_parse(path)):
-            if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id == "settings":
-                read.add(node.attr)
-    return read & settings_defaults().keys()
+        tree = _parse(path)
+        aliases = {
+            target.id
+            for node in ast.walk(tree)
+            if isinstance(node, ast.Assign) and ast.unparse(node.value).endswith("settings")
+            for target in node.targets
+            if isinstance(target, ast.Name)
+        }
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Attribute) and (
+                ast.unparse(node.value).endswith("settings") or ast.unparse(node.value) in aliases
+            ):
+                read |= settings_properties().get(node.attr, {node.attr})
+    return {name.upper() for name in read} & settings_defaults().keys()
 
 
 def is_entry_point(path: pathlib.Path) -> bool:
@@ -402,7 +425,7 @@ def test_tiers_wait_for_a_healthy_redis_and_can_scale(variant):
         assert tier == "web" or ("ports" not in service and "expose" not in service), tier
 
 
-def test_the_web_tier_publishes_its_port_and_checks_health():
+def test_the_web_tier_publishes_its_port_and_checks_health(make_app, serve_http):
     web = stack(COMPOSE)[0]["services"]["web"]
     _, stages = dockerfile(REPO / web["build"].get("dockerfile", "Dockerfile"))
     port = settings_defaults()["PORT"]
@@ -417,9 +440,16 @@ def test_the_web_tier_publishes_its_port_and_checks_health():
     assert check[:3] == ["CMD", "python", "-c"], "slim images have no curl: check with python"
     code = check[3]
     compile(code, "healthcheck", "exec")
-    assert re.search(r"http://(localhost|127\.0\.0\.1):\{settings\.PORT\}/health['\"]", code), code
+    assert re.search(r"http://(localhost|127\.0\.0\.1):\{[^}]+\}/health['\"]", code), code
     imported = {a.name for n in ast.walk(ast.parse(code)) if isinstance(n, ast.Import) for a in n.names}
     assert all(_local_module(m) or m in ("urllib", "urllib.request") for m in imported)
+    # It asks the web tier on the port of the PORT setting: run it against a web tier on another port.
+    url = serve_http(make_app())
+    healthy = {**os.environ, "PORT": str(urlparse(url).port)}
+    assert subprocess.run([sys.executable, "-c", code], cwd=REPO, env=healthy, timeout=60).returncode == 0
+    nobody = {**os.environ, "PORT": str(free_port())}
+    down = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=nobody, capture_output=True, timeout=60)
+    assert down.returncode != 0
     # In-flight requests may wait REQUEST_TIMEOUT_S for their answer; stopping must not cut them off.
     assert duration_s(web["stop_grace_period"]) > settings_defaults()["REQUEST_TIMEOUT_S"] + 5
 

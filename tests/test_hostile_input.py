@@ -2,7 +2,9 @@
 
 The files are in tests/corpus/ (see its README.md); the request shapes are built here. Every check
 ends in `assert_rejected`, which also proves the request was never queued: its X-Request-ID is in
-no batch a model server logged, and the Redis queue is empty.
+no batch a model server ran, and nothing of the model is queued or in flight. The requests go
+through Flask's test client as the bytes `requests` would send (conftest.send); the chunked uploads
+need a real HTTP server.
 """
 
 from __future__ import annotations
@@ -17,10 +19,9 @@ import pytest
 import requests
 from PIL import Image
 
-import settings
-from serving import images, wire
-from scripts.processes import Stack
-from tests.conftest import post_image
+from serving import images
+from settings import Settings
+from tests.conftest import assert_rejected, send
 from tests.make_corpus import encode
 
 CORPUS = pathlib.Path(__file__).resolve().parent / "corpus"
@@ -45,24 +46,6 @@ HOSTILE_FILES = {
 }
 
 
-def assert_rejected(stack: Stack, response: requests.Response, status: int, code: str) -> dict:
-    """The contract's JSON error, and proof that the request never reached the model servers."""
-    assert response.status_code == status, response.text
-    assert response.headers["Content-Type"].startswith("application/json")
-    body = response.json()
-    assert body["success"] is False and body["error"]["code"] == code, body
-    assert isinstance(body["error"]["message"], str) and body["error"]["message"]
-    request_id = response.headers["X-Request-ID"]
-    assert all(request_id not in ids for _, ids in stack.batches())
-    assert stack.redis().llen(wire.QUEUE) == 0
-    return body["error"]
-
-
-def predict(stack: Stack, **kwargs: object) -> requests.Response:
-    kwargs.setdefault("timeout", 60)
-    return requests.post(f"{stack.url}/predict", **kwargs)
-
-
 def test_the_corpus_is_small_and_complete():
     sizes = {path.name: path.stat().st_size for path in CORPUS.iterdir() if path.name != "README.md"}
     assert set(HOSTILE_FILES) == set(sizes)
@@ -70,31 +53,33 @@ def test_the_corpus_is_small_and_complete():
 
 
 @pytest.mark.parametrize("name", HOSTILE_FILES)
-def test_hostile_files_as_multipart(digits_stack, name):
+def test_hostile_files_as_multipart(r, served, client, name):
     status, code, word = HOSTILE_FILES[name]
 
-    error = assert_rejected(digits_stack, post_image(digits_stack.url, (CORPUS / name).read_bytes()), status, code)
+    response = send(client, files={"image": ("image.png", (CORPUS / name).read_bytes())})
+
+    error = assert_rejected(r, served, response, status, code)
 
     assert word in error["message"]
 
 
 @pytest.mark.parametrize("name", HOSTILE_FILES)
-def test_hostile_files_as_json_base64(digits_stack, name):
+def test_hostile_files_as_json_base64(r, served, client, name):
     status, code, word = HOSTILE_FILES[name]
     encoded = base64.b64encode((CORPUS / name).read_bytes()).decode()
 
-    error = assert_rejected(digits_stack, predict(digits_stack, json={"image": encoded}), status, code)
+    error = assert_rejected(r, served, send(client, json={"image": encoded}), status, code)
 
     assert word in error["message"] or code == "missing_image"
 
 
-def test_corpus_json_bodies_as_sent(digits_stack):
+def test_corpus_json_bodies_as_sent(r, served, client):
     headers = {"Content-Type": "application/json"}
-    invalid = predict(digits_stack, data=(CORPUS / "invalid_base64.json").read_bytes(), headers=headers)
-    not_object = predict(digits_stack, data=(CORPUS / "not_an_object.json").read_bytes(), headers=headers)
+    invalid = send(client, data=(CORPUS / "invalid_base64.json").read_bytes(), headers=headers)
+    not_object = send(client, data=(CORPUS / "not_an_object.json").read_bytes(), headers=headers)
 
-    assert "base64" in assert_rejected(digits_stack, invalid, 400, "invalid_image")["message"]
-    assert "object" in assert_rejected(digits_stack, not_object, 400, "bad_request")["message"]
+    assert "base64" in assert_rejected(r, served, invalid, 400, "invalid_image")["message"]
+    assert "object" in assert_rejected(r, served, not_object, 400, "bad_request")["message"]
 
 
 # Request shapes: what a confused or hostile client sends instead of the contract's two forms.
@@ -160,14 +145,14 @@ SHAPES = {
 
 
 @pytest.mark.parametrize("shape", SHAPES)
-def test_odd_request_shapes(digits_stack, shape):
+def test_odd_request_shapes(r, served, client, shape):
     kwargs, status, code = SHAPES[shape]
 
-    assert_rejected(digits_stack, predict(digits_stack, **kwargs), status, code)
+    assert_rejected(r, served, send(client, **kwargs), status, code)
 
 
-def test_a_text_field_named_image_gets_a_hint(digits_stack):
-    error = assert_rejected(digits_stack, predict(digits_stack, data={"image": "photo.jpg"}), 400, "missing_image")
+def test_a_text_field_named_image_gets_a_hint(r, served, client):
+    error = assert_rejected(r, served, send(client, data={"image": "photo.jpg"}), 400, "missing_image")
 
     assert "text field" in error["message"]
 
@@ -179,37 +164,38 @@ JUNK_JSON_TOP_K = [-1, 0, 11, 1e3, 1.5, 3.0, True, False, 10**30, float("inf"), 
 
 @pytest.mark.parametrize("top_k", JUNK_TOP_K, ids=lambda v: repr(v)[:12])
 @pytest.mark.parametrize("where", ["form", "query"])
-def test_junk_top_k_in_form_or_query(digits_stack, where, top_k):
+def test_junk_top_k_in_form_or_query(r, served, client, where, top_k):
     if where == "form":
-        response = post_image(digits_stack.url, PNG, top_k=top_k)
+        response = send(client, files={"image": ("image.png", PNG)}, data={"top_k": top_k})
     else:
-        response = predict(digits_stack, params={"top_k": top_k}, files={"image": ("a.png", PNG)})
+        response = send(client, params={"top_k": top_k}, files={"image": ("a.png", PNG)})
 
-    error = assert_rejected(digits_stack, response, 400, "bad_request")
+    error = assert_rejected(r, served, response, 400, "bad_request")
 
     assert "top_k" in error["message"] and len(error["message"]) < 200
 
 
-def test_a_5000_digit_top_k_is_refused(digits_stack):
+def test_a_5000_digit_top_k_is_refused(r, served, client):
     """int() refuses over 4300 digits with a ValueError; that must not become a 500."""
-    response = post_image(digits_stack.url, PNG, top_k="9" * 5000)
+    response = send(client, files={"image": ("image.png", PNG)}, data={"top_k": "9" * 5000})
 
-    assert_rejected(digits_stack, response, 400, "bad_request")
+    assert_rejected(r, served, response, 400, "bad_request")
 
 
 @pytest.mark.parametrize("top_k", JUNK_JSON_TOP_K, ids=lambda v: repr(v)[:12])
-def test_junk_top_k_in_json(digits_stack, top_k):
+def test_junk_top_k_in_json(r, served, client, top_k):
     body = json.dumps({"image": base64.b64encode(PNG).decode(), "top_k": top_k})  # inf: Python writes Infinity
 
-    response = predict(digits_stack, data=body, headers=JSON)
+    response = send(client, data=body, headers=JSON)
 
-    assert "top_k" in assert_rejected(digits_stack, response, 400, "bad_request")["message"]
+    assert "top_k" in assert_rejected(r, served, response, 400, "bad_request")["message"]
 
 
 # Too large: MAX_UPLOAD_MB is checked before the body is read.
 
 
-LIMIT = int(settings.MAX_UPLOAD_MB * 1024 * 1024)
+MAX_UPLOAD_MB = Settings().max_upload_mb  # the default, which the tests' apps keep
+LIMIT = Settings().max_upload_bytes
 
 
 @pytest.fixture(scope="module")
@@ -223,10 +209,10 @@ def chunked(body: bytes) -> Iterator[bytes]:
     return (body[i : i + (1 << 20)] for i in range(0, len(body), 1 << 20))
 
 
-def test_an_upload_over_the_limit_is_413(digits_stack, oversize):
-    error = assert_rejected(digits_stack, post_image(digits_stack.url, oversize), 413, "too_large")
+def test_an_upload_over_the_limit_is_413(r, served, client, oversize):
+    error = assert_rejected(r, served, send(client, files={"image": ("image.png", oversize)}), 413, "too_large")
 
-    assert f"{settings.MAX_UPLOAD_MB:g} MB" in error["message"]
+    assert f"{MAX_UPLOAD_MB:g} MB" in error["message"]
 
 
 def json_just_over_the_limit() -> bytes:
@@ -235,27 +221,31 @@ def json_just_over_the_limit() -> bytes:
     return b'{"image": "' + encoded + b'"}'
 
 
-def test_a_json_body_over_the_limit_is_413(digits_stack):
-    response = predict(digits_stack, data=json_just_over_the_limit(), headers=JSON)
+def test_a_json_body_over_the_limit_is_413(r, served, client):
+    response = send(client, data=json_just_over_the_limit(), headers=JSON)
 
-    assert_rejected(digits_stack, response, 413, "too_large")
+    assert_rejected(r, served, response, 413, "too_large")
 
 
-def test_a_chunked_upload_over_the_limit_is_413(digits_stack):
+# Chunked bodies over real HTTP: the WSGI server dechunks them (and says so in wsgi.input_terminated).
+
+
+def test_a_chunked_upload_over_the_limit_is_413(r, served, live_url):
     """No Content-Length to check up front: the limit must hold while the body streams in."""
-    response = predict(digits_stack, data=chunked(json_just_over_the_limit()), headers=JSON)
+    response = requests.post(f"{live_url}/predict", data=chunked(json_just_over_the_limit()), headers=JSON, timeout=60)
 
-    assert_rejected(digits_stack, response, 413, "too_large")
+    assert_rejected(r, served, response, 413, "too_large")
 
 
-def test_a_chunked_body_of_exactly_the_limit_is_served(digits_stack):
+def test_a_chunked_body_of_exactly_the_limit_is_served(served, live_url):
     """The other side of the check above: a body that ends right at the limit is not too large."""
     body = json.dumps({"image": base64.b64encode(PNG).decode()}).encode()
     body += b" " * (LIMIT - len(body))  # JSON allows trailing whitespace
 
-    response = predict(digits_stack, data=chunked(body), headers=JSON)
+    response = requests.post(f"{live_url}/predict", data=chunked(body), headers=JSON, timeout=60)
 
     assert response.status_code == 200, response.text
+    assert served.computed == [response.headers["X-Request-ID"]]
 
 
 # What must still work next to all of the above.
@@ -275,11 +265,12 @@ VALID = {
 
 
 @pytest.mark.parametrize("case", VALID)
-def test_valid_variants_are_served(digits_stack, case):
-    response = predict(digits_stack, **VALID[case])
+def test_valid_variants_are_served(served, client, case):
+    response = send(client, **VALID[case])
 
     assert response.status_code == 200, response.text
-    assert 1 <= len(response.json()["predictions"]) <= 10
+    assert 1 <= len(response.json["predictions"]) <= 10
+    assert served.computed == [response.headers["X-Request-ID"]]
 
 
 @pytest.mark.parametrize("name", ["page.svg", "vector.eps"])

@@ -14,7 +14,7 @@ import pytest
 from PIL import ExifTags, Image, ImageCms, ImageOps
 
 from serving import images
-from tests.conftest import post_image
+from tests.conftest import upload
 from tests.make_corpus import encode, valid_images
 
 ORIENTATION = ExifTags.Base.Orientation
@@ -96,11 +96,12 @@ def transparent_corner() -> Image.Image:
 
 
 @pytest.mark.parametrize("name", REAL_IMAGES)
-def test_real_images_are_served(digits_stack, name):
-    response = post_image(digits_stack.url, REAL_IMAGES[name](), top_k=3)
+def test_real_images_are_served(served, client, name):
+    response = upload(client, REAL_IMAGES[name](), top_k=3)
 
     assert response.status_code == 200, response.text
-    assert len(response.json()["predictions"]) == 3
+    assert len(response.json["predictions"]) == 3
+    assert served.computed == [response.headers["X-Request-ID"]]
 
 
 @pytest.mark.parametrize("name", valid_images())

@@ -1,15 +1,18 @@
-"""/metrics sums every gunicorn worker and every model server; logs follow a request across tiers."""
+"""/metrics sums every gunicorn worker and every model server; JSON logs follow a request across both tiers.
+
+Real processes: gunicorn's workers are what /metrics must add up, and the logs are those of real servers.
+"""
 
 from __future__ import annotations
 
-import json
-import re
+from concurrent.futures import ThreadPoolExecutor
 
-import requests
+import pytest
 
-from scripts.processes import REPO, wait_until
+from scripts.processes import Stack, wait_until
+from tests.conftest import DIGIT, ModelServers, over_http, post_image
 
-DIGIT = (REPO / "samples" / "digit_3.png").read_bytes()
+IMAGES = 'serving_images_total{model="digits",version="1"}'
 
 
 def metric(text: str, name: str) -> float:
@@ -20,44 +23,70 @@ def metric(text: str, name: str) -> float:
     raise AssertionError(f"{name} not in /metrics:\n{text}")
 
 
-def test_metrics_add_up_across_web_workers_and_model_servers(make_stack):
+def answered_by(stack: Stack) -> set[str]:
+    """The web worker processes that answered a POST /predict with 200, from the web log's fields."""
+    return {
+        line["process"]
+        for line in Stack.log_lines(stack.web_logs[0])
+        if line["message"] == "request" and line["path"] == "/predict" and line["status"] == 200
+    }
+
+
+def scrape(url: str) -> str:
+    return over_http("GET", f"{url}/metrics", timeout=10).text
+
+
+@pytest.mark.processes
+def test_metrics_add_up_across_web_workers_and_model_servers(make_stack, settings, digits):
     stack = make_stack(WEB_WORKERS="2")
-    stack.model_server()
-    url = stack.web_server()
-    responses = [requests.post(f"{url}/predict", files={"image": DIGIT}, timeout=30) for _ in range(40)]
-    assert [r.status_code for r in responses] == [200] * 40  # a new connection each: both workers take some
-    stack.wait_logged([r.json()["request_id"] for r in responses])  # logged after their figures are added
-    requests.get(f"{url}/nowhere", timeout=10)
+    with ModelServers(stack.redis_url, settings) as servers:
+        servers.start(digits)
+        url = stack.web_server()
+        responses: list = []
+        # Each on a new connection, eight at a time, until both workers have answered some: the kernel hands
+        # a connection to whichever worker accepts first, and 40 in a row have all gone to one.
+        while len(responses) < 40 or len(answered_by(stack)) < 2:
+            assert len(responses) < 400, "one worker took every connection"
+            with ThreadPoolExecutor(8) as pool:
+                responses += pool.map(lambda _: post_image(url, DIGIT), range(8))
+        n = len(responses)
+        assert [r.status_code for r in responses] == [200] * n
+        # A batch's figures are added just after its answers go out.
+        wait_until(lambda: metric(scrape(url), IMAGES) >= n, 10, "every batch counted")
+        over_http("GET", f"{url}/nowhere", timeout=10)
 
-    text = requests.get(f"{url}/metrics", timeout=10).text
+        text = scrape(url)
 
-    assert metric(text, 'serving_requests_total{route="/predict",status="200"}') == 40
+    batches = [batch for batch in servers.batches if batch.jobs]
+    assert metric(text, 'serving_requests_total{route="/predict",status="200"}') == n
     assert metric(text, 'serving_requests_total{route="other",status="404"}') == 1
-    assert metric(text, 'serving_request_seconds_count{model="digits",route="/predict",status="200",version="1"}') == 40
-    assert metric(text, "serving_images_total") == 40
-    assert metric(text, "serving_batch_size_count") == len(stack.batches())
-    assert metric(text, "serving_batch_size_sum") == 40
-    assert metric(text, "serving_model_seconds_count") == len(stack.batches())
-    assert metric(text, "serving_model_servers") == 1 and metric(text, "serving_queue_depth") == 0
-    web_log = next(stack.workdir.glob("web-*.log")).read_text()
-    workers = set(re.findall(r"web\[(\d+)\] request .*path=/predict status=200", web_log))
-    assert len(workers) == 2, "both workers must have answered for the sum to mean anything"
+    assert metric(text, 'serving_request_seconds_count{model="digits",route="/predict",status="200",version="1"}') == n
+    assert metric(text, IMAGES) == n
+    assert metric(text, 'serving_batch_size_count{model="digits",version="1"}') == len(batches)
+    assert metric(text, 'serving_batch_size_sum{model="digits",version="1"}') == n
+    assert metric(text, 'serving_model_seconds_count{model="digits",version="1"}') == len(batches)
+    assert metric(text, 'serving_model_servers{model="digits",version="1"}') == 1
+    assert metric(text, 'serving_queue_depth{model="digits",version="1"}') == 0
+    assert len(answered_by(stack)) == 2  # both workers answered: the sums above add up two processes
 
 
+@pytest.mark.processes
 def test_json_logs_follow_a_request_across_both_tiers(make_stack):
     stack = make_stack(LOG_FORMAT="json")
     stack.model_server()
     url = stack.web_server()
 
-    response = requests.post(f"{url}/predict", files={"image": DIGIT}, timeout=30)
+    response = post_image(url, DIGIT)
 
     request_id = response.json()["request_id"]
     assert response.headers["X-Request-ID"] == request_id
-    wait_until(lambda: request_id in stack.model_logs[0].read_text(), 15, "the batch logged")
+    stack.wait_logged([request_id])
     # Every line of the web tier is JSON, gunicorn's own included (the model server's C++
     # libraries print a few plain lines at start-up, before Python's logging exists).
-    web_lines = [json.loads(line) for line in next(stack.workdir.glob("web-*.log")).read_text().splitlines()]
+    web_text = stack.web_logs[0].read_text().splitlines()
+    web_lines = Stack.log_lines(stack.web_logs[0])
+    assert len(web_lines) == len(web_text) > 0
     assert any(line.get("request_id") == request_id and line["status"] == 200 for line in web_lines)
-    model_lines = [json.loads(line) for line in stack.model_logs[0].read_text().splitlines() if line.startswith("{")]
-    batch = next(line for line in model_lines if request_id in line.get("request_ids", ""))
-    assert batch["message"] == "batch" and batch["size"] == 1 and batch["model_ms"] > 0
+    (batch,) = [line for line in stack.logged(stack.model_logs[0], "batch") if request_id in line["request_ids"]]
+    assert batch["size"] == 1 and batch["model_ms"] > 0
+    assert batch["request_ids"].split(",") == [request_id]

@@ -1,6 +1,7 @@
 """Several models with real processes: model_server.py for each model, the web tier as gunicorn, real HTTP.
 
-And the one-model deployment a client of the first version knew: `curl -F image=@x /predict` answers as before.
+And the one-model deployment a client of the first version knew: `curl -F image=@x /predict` answers as before
+(over real HTTP, the web tier in-process).
 """
 
 from __future__ import annotations
@@ -12,9 +13,10 @@ import uuid
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
+import pytest
 import requests
 
-from scripts.processes import REPO, Stack
+from scripts.processes import REPO
 from tests.conftest import COLOURS, png, post_image, solid
 
 CLIENTS = 50
@@ -32,6 +34,7 @@ def colour_images(count: int, seed: int = 12) -> list[tuple[bytes, str]]:
     return cases
 
 
+@pytest.mark.processes
 def test_two_models_behind_one_web_tier_each_answer_from_the_model_asked(make_stack, colours_file, holdout):
     model, labels = colours_file
     stack = make_stack()
@@ -64,11 +67,11 @@ def test_two_models_behind_one_web_tier_each_answer_from_the_model_asked(make_st
         assert sorted(computed) == sorted(ids[name]), name
 
 
-def test_curl_against_one_model_answers_as_it_always_did(digits_stack: Stack):
+def test_curl_against_one_model_answers_as_it_always_did(live_url: str):
     """The first version's answer, key for key: curl -F image=@x /predict."""
     done = subprocess.run(
         ["curl", "-sS", "-w", "\n%{http_code}", "-F", f"image=@{REPO / 'samples' / 'digit_3.png'}",
-         f"{digits_stack.url}/predict"],
+         f"{live_url}/predict"],
         capture_output=True, text=True, timeout=60, check=True,
     )  # fmt: skip
     text, status = done.stdout.rsplit("\n", 1)
@@ -81,5 +84,5 @@ def test_curl_against_one_model_answers_as_it_always_did(digits_stack: Stack):
     assert all(list(p) == ["label", "probability"] and isinstance(p["probability"], float) for p in body["predictions"])
     probabilities = [p["probability"] for p in body["predictions"]]
     assert probabilities == sorted(probabilities, reverse=True)
-    models = requests.get(f"{digits_stack.url}/models", timeout=10).json()
+    models = requests.get(f"{live_url}/models", timeout=10).json()
     assert models == {"models": [{"name": "digits", "versions": [1], "ready": True, "input": [8, 8, 1], "classes": 10}]}

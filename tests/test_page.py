@@ -1,4 +1,5 @@
-"""The try-it page in a real headless Chromium, against a live digits stack.
+"""The try-it page in a real headless Chromium, over real HTTP: the app in a werkzeug server, a digits model server
+behind it.
 
 The browser is Debian's chromium (scripts/install_browser.sh puts it at /usr/bin/chromium) driven
 by Playwright; `playwright install` is never used, it downloads a browser from a CDN CI cannot reach.
@@ -16,7 +17,7 @@ import pytest
 import requests
 from playwright.sync_api import Browser, Page, expect, sync_playwright
 
-from scripts.processes import REPO, Stack
+from scripts.processes import REPO
 from tests.conftest import png, solid
 from tests.live_server import serving
 
@@ -48,8 +49,8 @@ def browser() -> Iterator[Browser]:
 
 
 @pytest.fixture
-def page(browser: Browser, digits_stack: Stack) -> Iterator[Page]:
-    context = browser.new_context(viewport={"width": 900, "height": 760}, base_url=digits_stack.url)
+def page(browser: Browser, live_url: str) -> Iterator[Page]:
+    context = browser.new_context(viewport={"width": 900, "height": 760}, base_url=live_url)
     page = context.new_page()
     errors: list[str] = []
     page.on("pageerror", lambda error: errors.append(str(error)))  # uncaught exceptions in the page's JS
@@ -90,10 +91,10 @@ def test_a_digit_shows_its_label_as_the_top_bar(page: Page, tmp_path: pathlib.Pa
     screenshot(page, tmp_path, "page_digit.png")
 
 
-def test_a_text_file_shows_the_error_in_words(page: Page, digits_stack: Stack, tmp_path: pathlib.Path) -> None:
+def test_a_text_file_shows_the_error_in_words(page: Page, live_url: str, tmp_path: pathlib.Path) -> None:
     text = b"shopping: eggs, milk, bread\n"
     # What the API says about this file, asked directly: the page must show exactly that message.
-    answer = requests.post(f"{digits_stack.url}/predict", files={"image": ("notes.txt", text)}, timeout=30)
+    answer = requests.post(f"{live_url}/predict", files={"image": ("notes.txt", text)}, timeout=30)
     assert answer.status_code == 400, answer.text
     error = answer.json()["error"]
 

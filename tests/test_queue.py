@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import threading
+
 import numpy as np
 import pytest
 
+from scripts.processes import wait_until
 from serving import queue, registry, wire
 
 KEYS = wire.ModelKeys("digits", 1)
@@ -112,3 +115,116 @@ def test_registry_lists_announced_models_and_counts_only_beating_servers(r):
     assert (state.info, state.live_servers, state.alive, state.ready) == (info, 1, True, True)
     assert state.speeds == (wire.Speed(32, {1: 0.002, 32: 0.01}),)
     assert registry.known_models(r, now=1000.0 + registry.MODEL_RETENTION_S + 1) == []
+
+
+def test_a_queue_may_fill_up_to_its_limit_exactly(r, alive):
+    assert queue.submit(r, KEYS, [job("a"), job("b"), job("c")], limit=3) == (queue.Submitted.QUEUED, 0)
+    assert queue.submit(r, KEYS, [job("d")], limit=3) == (queue.Submitted.FULL, 3)
+    assert r.llen(KEYS.queue) == 3
+
+
+def test_take_waits_out_its_window_for_a_full_batch_and_takes_no_more_than_asked(r, alive):
+    server = queue.ServerQueue(r, KEYS, "s1")
+    queue.submit(r, KEYS, [job("first")], limit=10)
+
+    def later() -> None:
+        wait_until(lambda: r.llen(KEYS.inflight("s1", 0)) == 1, 10, "the first taken")
+        queue.submit(r, KEYS, [job("second"), job("third"), job("fourth")], limit=10)
+
+    pusher = threading.Thread(target=later)
+    pusher.start()
+    taken = server.take(0, size=3, wait_s=30, block_s=1)  # back as soon as the batch is full
+    pusher.join()
+
+    assert ids(taken) == ["first", "second", "third"] and ids(r.lrange(KEYS.queue, 0, -1)) == ["fourth"]
+
+
+def test_take_gives_up_after_block_s_when_nothing_comes(r, alive):
+    assert queue.ServerQueue(r, KEYS, "s1").take(0, 8, wait_s=0, block_s=0.05) == []
+    assert not r.exists(KEYS.inflight("s1", 0))
+
+
+def test_malformed_messages_are_taken_as_they_are_and_dropped_with_their_batch(r, alive):
+    """The queue never parses jobs: junk goes in flight like a job, and the answer of its batch deletes it."""
+    junk = [b"not json", b'{"id": "x"}', b"\x80\x04pickle"]
+    r.lpush(KEYS.queue, *junk)
+    queue.submit(r, KEYS, [job("real", "w1")], limit=10)
+    server = queue.ServerQueue(r, KEYS, "s1")
+
+    taken = server.take(0, 10, 0, 0.1)
+    server.answer(0, [("w1", wire.Result("real", top=((7, 1.0),)))], ttl_s=30)
+
+    assert taken[:3] == junk and ids(taken[3:]) == ["real"]
+    assert not r.exists(KEYS.inflight("s1", 0)) and r.llen(KEYS.queue) == 0
+    assert [wire.Result.decode(m).request_id for m in r.lrange(KEYS.inbox("w1"), 0, -1)] == ["real"]
+
+
+def test_a_batch_with_nothing_to_answer_still_clears_its_inflight_list(r, alive):
+    r.lpush(KEYS.queue, b"junk")
+    server = queue.ServerQueue(r, KEYS, "s1")
+    server.take(1, 10, 0, 0.1)
+
+    server.answer(1, [], ttl_s=30)
+
+    assert not r.exists(KEYS.inflight("s1", 1))
+
+
+def test_give_back_requeues_a_servers_own_leftovers_oldest_first(r, alive):
+    queue.submit(r, KEYS, [job(f"j{n}") for n in range(5)], limit=10)
+    server = queue.ServerQueue(r, KEYS, "s1")
+    server.take(0, 2, 0, 0.1)  # j0, j1
+    server.take(2, 2, 0, 0.1)  # j2, j3
+    r.set(KEYS.heartbeat("s1"), 1)  # alive: giving back does not wait for its beat to expire
+
+    assert server.give_back() == 4
+
+    assert [key for key in r.scan_iter(match=KEYS.inflight("s1", 0).removesuffix(":0"))] == []
+    assert ids(queue.ServerQueue(r, KEYS, "s2").take(0, 5, 0, 0.1)) == ["j0", "j1", "j2", "j3", "j4"]
+
+
+def test_requeue_of_a_dead_server_that_held_nothing_moves_nothing(r, alive):
+    assert queue.ServerQueue(r, KEYS, "live").requeue_if_dead("gone") == 0
+
+
+def test_registry_forgets_a_server_that_leaves_and_skips_what_it_cannot_read(r):
+    info = wire.ModelInfo("digits", 1, 8, 8, 1, tuple("0123456789"))
+    server = registry.Registration(r, info, "s1")
+    server.beat(now=1000.0, ttl_s=5, grace_s=15, speed=wire.Speed(8, {8: 0.01}))
+    r.zadd(wire.MODELS, {"no version": 1000.0, OTHER.member: 1000.0})
+    r.set(OTHER.info, wire.ModelInfo("digits", 3, 8, 8, 1, ("a",)).encode())  # another version's info
+    r.hset(KEYS.speeds, "junk", "not json")
+    r.sadd(KEYS.servers, "junk")
+    r.set(KEYS.heartbeat("junk"), 1)
+
+    assert registry.known_models(r, now=1000.0) == [KEYS, OTHER]
+    assert registry.state(r, OTHER).info is None  # published under the wrong version: not trusted
+    assert registry.state(r, KEYS).speeds == (wire.Speed(8, {8: 0.01}),)  # the unreadable one left out
+    assert sorted(server.peers()) == ["junk", "s1"]
+
+    server.leave()
+
+    state = registry.state(r, KEYS)
+    assert (state.live_servers, state.alive, state.ready) == (1, True, True)  # "junk" still beats
+    assert "s1" not in server.peers() and not r.hexists(KEYS.speeds, "s1")
+
+
+def test_take_more_adds_to_a_slot_already_holding_jobs(r, alive):
+    queue.submit(r, KEYS, [job(f"j{n}") for n in range(4)], limit=10)
+    server = queue.ServerQueue(r, KEYS, "s1")
+    server.take(0, 1, 0, 0.1)  # j0
+
+    assert ids(server.take_more(0, 2, wait_s=0)) == ["j1", "j2"]
+    assert ids(server.take_more(0, 0, wait_s=30)) == []  # nothing asked for: back at once
+    assert ids(reversed(r.lrange(KEYS.inflight("s1", 0), 0, -1))) == ["j0", "j1", "j2"]
+
+
+def test_answering_some_of_a_slot_keeps_the_others_held(r, alive):
+    queue.submit(r, KEYS, [job("a", "w1"), job("b", "w1"), job("c", "w1")], limit=10)
+    server = queue.ServerQueue(r, KEYS, "s1")
+    server.take(0, 3, 0, 0.1)  # a, b, c: taken first, second, third
+
+    server.answer(0, [("w1", wire.Result("a", top=((7, 1.0),))), ("w1", wire.Result("c", top=((7, 1.0),)))], 30, [0, 2])
+
+    assert ids(r.lrange(KEYS.inflight("s1", 0), 0, -1)) == ["b"]
+    assert [wire.Result.decode(m).request_id for m in r.lrange(KEYS.inbox("w1"), 0, -1)] == ["a", "c"]
+    assert server.give_back() == 1 and ids(r.lrange(KEYS.queue, 0, -1)) == ["b"]

@@ -1,9 +1,15 @@
-"""Crashes, signals, corrupt messages and outages lose no request: real processes, signals and Redis."""
+"""Crashes, signals, corrupt messages and outages lose no request.
+
+What only processes show runs with real ones: SIGKILL and SIGTERM of a model server, SIGTERM of
+gunicorn, Redis going away and coming back, the last model server gone, overload of the whole
+stack. The rest runs in-process: a model server that was alive and stopped leaves its model known
+and "alive" for NO_SERVER_GRACE_S, so jobs queue up with nobody taking them until the test starts
+the next one.
+"""
 
 from __future__ import annotations
 
 import json
-import pathlib
 import pickle
 import signal
 import subprocess
@@ -11,205 +17,148 @@ import sys
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 
-import requests
+import numpy as np
+import pytest
+import redis
+from flask import Flask
 
-from serving import wire
-from scripts.processes import stop, wait_until
-from tests.conftest import post_image
+import model_server
+from scripts.processes import REPO, stop, wait_until
+from serving import catalog, wire, zoo
+from settings import Settings
+from tests.conftest import DIGIT, DIGITS, ModelServers, assert_rejected, inflight, over_http, post_image, upload
 
-REPO = pathlib.Path(__file__).resolve().parent.parent
-DIGIT = str(REPO / "samples" / "digit_3.png")
-
-
-def digit_png() -> bytes:
-    with open(DIGIT, "rb") as f:
-        return f.read()
+SLOW = wire.ModelKeys("slow", 1)  # slow_model_file's model: named after the file
+DIGIT_PATH = str(REPO / "samples" / "digit_3.png")
 
 
-def send_many(url: str, count: int, concurrency: int) -> list[Future]:
-    """Fire `count` requests from `concurrency` clients in the background."""
+def send_many(app: Flask, count: int, concurrency: int) -> list[Future]:
+    """Fire `count` requests through the app from `concurrency` clients in the background."""
     pool = ThreadPoolExecutor(concurrency)
-    futures = [pool.submit(post_image, url, digit_png()) for _ in range(count)]
+    futures = [pool.submit(lambda: upload(app.test_client(), DIGIT)) for _ in range(count)]
     pool.shutdown(wait=False)
     return futures
 
 
-def inflight_total(stack) -> int:
-    r = stack.redis()
-    return sum(r.llen(wire.inflight_key(i.decode())) for i in r.smembers(wire.SERVERS))
+def send_many_over_http(url: str, count: int, concurrency: int) -> list[Future]:
+    pool = ThreadPoolExecutor(concurrency)
+    futures = [pool.submit(post_image, url, DIGIT) for _ in range(count)]
+    pool.shutdown(wait=False)
+    return futures
 
 
-def test_sigkill_mid_batch_loses_no_request(make_stack, slow_model_file):
+def server_id(stack, server: int) -> str:
+    (serving,) = stack.logged(stack.model_logs[server], "serving")
+    return serving["server_id"]
+
+
+def paused(model_servers: ModelServers, digits: zoo.KerasServable) -> None:
+    """A digits server that announced the model and stopped: requests queue until another one starts."""
+    model_servers.stop(model_servers.start(digits))
+
+
+# ---------------------------------------------------------------- model server processes
+
+
+@pytest.mark.processes
+def test_sigkill_mid_batch_loses_no_request(make_stack, make_app, settings, slow_model_file):
     stack = make_stack(MODEL=str(slow_model_file), BATCH_SIZE="8")
     victim = stack.model_server()
-    url = stack.web_server()
-    futures = send_many(url, 48, concurrency=16)
-    wait_until(lambda: inflight_total(stack) > 0, 30, "a batch in flight")
+    r = stack.redis()
+    futures = send_many(make_app(redis_url=stack.redis_url), 48, concurrency=16)
+    wait_until(lambda: inflight(r, SLOW) != [], 30, "a batch in flight")
     victim.send_signal(signal.SIGKILL)
-    stack.model_server()  # the replacement requeues what the dead one held
+    victim.wait()
+    held = inflight(r, SLOW)  # what it had taken and not answered: left behind in its in-flight lists
 
-    responses = [f.result(timeout=60) for f in futures]
+    with ModelServers(stack.redis_url, settings) as replacement:  # it requeues what the dead one held
+        replacement.start(model_server.load(Settings(model=str(slow_model_file))), batch_size=8)
+        responses = [f.result(timeout=60) for f in futures]
 
-    assert [r.status_code for r in responses] == [200] * 48
-    ids = [r.json()["request_id"] for r in responses]
-    stack.wait_logged(ids)
-    answered = [i for _, ids in stack.batches() for i in ids]
+    assert held and [r.status_code for r in responses] == [200] * 48
+    ids = [r.json["request_id"] for r in responses]
+    answered = [i for _, ids in stack.batches() for i in ids] + replacement.computed
     assert set(ids) <= set(answered) and len(answered) == len(set(answered))  # each computed once
-    # What the victim held when killed was requeued by its replacement and answered there.
-    assert "requeued" in stack.model_logs[1].read_text()
-    assert inflight_total(stack) == 0 and stack.redis().llen(wire.QUEUE) == 0
+    assert set(held) <= set(replacement.computed)  # requeued by the replacement, and answered there
+    assert inflight(r, SLOW) == [] and r.llen(SLOW.queue) == 0
 
 
-def test_sigterm_finishes_the_batch_in_hand_and_exits_0(make_stack, slow_model_file):
+@pytest.mark.processes
+def test_sigterm_finishes_the_batch_in_hand_and_exits_0(make_stack, make_app, settings, slow_model_file):
     stack = make_stack(MODEL=str(slow_model_file), BATCH_SIZE="8")
     first = stack.model_server()
-    url = stack.web_server()
-    futures = send_many(url, 24, concurrency=24)
-    wait_until(lambda: inflight_total(stack) > 0, 30, "a batch in flight")
-    held = {json.loads(m)["id"] for m in stack.redis().lrange(wire.inflight_key(_server_ids(stack)[0]), 0, -1)}
+    r = stack.redis()
+    futures = send_many(make_app(redis_url=stack.redis_url), 24, concurrency=24)
+    wait_until(lambda: inflight(r, SLOW) != [], 30, "a batch in flight")
+    held = set(inflight(r, SLOW))
 
     assert stop(first) == 0
-    first_batches = {i for _, ids in stack.batches() for i in ids}
+    first_batches = {i for _, ids in stack.batches(0) for i in ids}
     assert held <= first_batches  # the batch in hand was answered before exiting
-    assert stack.redis().scard(wire.SERVERS) == 0  # it left cleanly, holding nothing
-    stack.model_server()  # the rest are still queued, for the next server
-    assert [f.result(timeout=60).status_code for f in futures] == [200] * 24
+    assert r.scard(SLOW.servers) == 0 and inflight(r, SLOW) == []  # it left cleanly, holding nothing
+    with ModelServers(stack.redis_url, settings) as second:  # the rest are still queued, for the next server
+        second.start(model_server.load(Settings(model=str(slow_model_file))), batch_size=8)
+        assert [f.result(timeout=60).status_code for f in futures] == [200] * 24
+    assert not first_batches & set(second.computed)
 
 
-def _server_ids(stack) -> list[str]:
-    return [i.decode() for i in stack.redis().smembers(wire.SERVERS)]
+@pytest.mark.processes
+def test_without_model_servers_requests_time_out_then_are_refused(make_stack, make_app):
+    stack = make_stack(NO_SERVER_GRACE_S="10")  # long enough for the 504 below on a busy machine
+    model = stack.model_server()
+    client = make_app(redis_url=stack.redis_url, request_timeout_s=2).test_client()
+    stop(model)
+
+    ready = client.get("/ready")
+    assert ready.status_code == 503 and "model server" in ready.json["reason"]
+    assert upload(client, DIGIT).status_code == 504  # one may come back any moment
+    wait_until(lambda: not stack.redis().exists(DIGITS.alive), 20, "the grace period over")
+    refused = upload(client, DIGIT)
+    assert refused.status_code == 503 and refused.json["error"]["code"] == "unavailable"
 
 
-def test_web_tier_drains_requests_in_flight_on_sigterm(make_stack, slow_model_file):
-    stack = make_stack(MODEL=str(slow_model_file), BATCH_SIZE="8")
-    stack.model_server()
-    url = stack.web_server()
-    web = stack.processes[-1]
-    futures = send_many(url, 16, concurrency=16)
-    wait_until(lambda: inflight_total(stack) > 0, 30, "a batch in flight")
-
-    web.send_signal(signal.SIGTERM)
-
-    assert [f.result(timeout=60).status_code for f in futures] == [200] * 16
-    assert web.wait(timeout=60) == 0
+# ---------------------------------------------------------------- gunicorn and the whole stack
 
 
-def test_malformed_messages_are_dropped_and_their_batch_answered(make_stack):
+@pytest.mark.processes
+def test_web_tier_drains_requests_in_flight_on_sigterm(make_stack, settings, digits):
     stack = make_stack()
-    model = stack.model_server()
-    url = stack.web_server()
-    r = stack.redis()
-    junk = [
-        b"not json",
-        pickle.dumps({"id": "x"}),
-        json.dumps({"id": "a", "shape": [8, 8, 1], "dtype": "float32", "data": "", "deadline": 1e12, "top_k": 1}),
-        json.dumps({"id": "b", "shape": [9, 9, 1], "dtype": "uint8", "data": "AAAA", "deadline": 1e12, "top_k": 1}),
-        json.dumps({"id": "c", "shape": [8, 8, 1], "dtype": "uint8", "data": "@@", "deadline": 1e12, "top_k": 1}),
-        json.dumps([1, 2, 3]),
-    ]
-    model.send_signal(signal.SIGSTOP)  # so the junk and the real jobs land in one batch
-    try:
-        r.lpush(wire.QUEUE, *junk)
-        futures = send_many(url, 4, concurrency=4)
-        # (the stopped server's pending blocking pop still takes the first message into its in-flight list)
-        wait_until(lambda: r.llen(wire.QUEUE) + inflight_total(stack) == len(junk) + 4, 10, "all queued")
-    finally:
-        model.send_signal(signal.SIGCONT)
-    responses = [f.result(timeout=30) for f in futures]
-    assert [r.status_code for r in responses] == [200] * 4
-    stack.wait_logged([r.json()["request_id"] for r in responses])
-    assert stack.model_logs[0].read_text().count("dropped a malformed message") == len(junk)
-    assert [size for size, _ in stack.batches()] == [4]  # one batch: the junk's and the real jobs'
-    assert model.poll() is None
+    with ModelServers(stack.redis_url, settings) as servers:
+        paused(servers, digits)
+        url = stack.web_server()
+        web = stack.processes[-1]
+        futures = send_many_over_http(url, 16, concurrency=16)
+        wait_until(lambda: stack.redis().llen(DIGITS.queue) == 16, 30, "every request waiting for its answer")
+
+        web.send_signal(signal.SIGTERM)
+        servers.start(digits)
+
+        assert [f.result(timeout=60).status_code for f in futures] == [200] * 16
+        assert web.wait(timeout=60) == 0
+        assert len(servers.computed) == 16
 
 
-def test_expired_jobs_are_not_computed(make_stack):
-    stack = make_stack(REQUEST_TIMEOUT_S="2")
-    model = stack.model_server()
-    url = stack.web_server()
-    model.send_signal(signal.SIGSTOP)
-    try:
-        responses = [f.result(timeout=30) for f in send_many(url, 5, concurrency=5)]
-    finally:
-        model.send_signal(signal.SIGCONT)
-    assert [r.status_code for r in responses] == [504] * 5
-    assert {r.json()["error"]["code"] for r in responses} == {"timeout"}
-    wait_until(lambda: stack.redis().llen(wire.QUEUE) == 0, 10, "the queue emptied")
-    wait_until(lambda: stack.model_logs[0].read_text().count("stopped waiting") == 5, 10, "five skipped")
-    computed = {i for _, ids in stack.batches() for i in ids}
-    assert not computed & {r.headers["X-Request-ID"] for r in responses}
-
-
+@pytest.mark.processes
 def test_redis_outage_answers_503_and_both_tiers_recover(make_stack):
     stack = make_stack()
     stack.model_server()
     url = stack.web_server()
-    assert post_image(url, digit_png()).status_code == 200
+    assert post_image(url, DIGIT).status_code == 200
 
     stop(stack.redis_process, timeout_s=10)
     started = time.monotonic()
-    response = post_image(url, digit_png(), timeout=20)
+    response = post_image(url, DIGIT, timeout=20)
     assert response.status_code == 503 and response.json()["error"]["code"] == "unavailable"
     assert time.monotonic() - started < 10  # an answer, not a hang until the request timeout
-    ready = requests.get(f"{url}/ready", timeout=10)
+    ready = over_http("GET", f"{url}/ready", timeout=10)
     assert ready.status_code == 503 and "redis" in ready.json()["reason"]
 
     stack.restart_redis()
-    wait_until(lambda: requests.get(f"{url}/ready", timeout=10).status_code == 200, 30, "ready again")
-    assert post_image(url, digit_png()).status_code == 200
+    wait_until(lambda: over_http("GET", f"{url}/ready", timeout=10).status_code == 200, 30, "ready again")
+    time.sleep(catalog.REFRESH_S)  # by then no web worker routes by what it read before the model was back
+    again = post_image(url, DIGIT)
+    assert again.status_code == 200, again.text
     assert all(p.poll() is None for p in stack.processes)  # nothing was restarted
-
-
-def test_without_model_servers_requests_time_out_then_are_refused(make_stack):
-    stack = make_stack(REQUEST_TIMEOUT_S="2", NO_SERVER_GRACE_S="4")
-    model = stack.model_server()
-    url = stack.web_server()
-    stop(model)
-
-    ready = requests.get(f"{url}/ready", timeout=10)
-    assert ready.status_code == 503 and "model server" in ready.json()["reason"]
-    assert post_image(url, digit_png()).status_code == 504  # one may come back any moment
-    wait_until(lambda: not stack.redis().exists(wire.ALIVE), 10, "the grace period over")
-    refused = post_image(url, digit_png())
-    assert refused.status_code == 503 and refused.json()["error"]["code"] == "unavailable"
-
-
-def test_queue_limit_refuses_at_once_with_retry_after(make_stack):
-    stack = make_stack(QUEUE_LIMIT="3")
-    model = stack.model_server()
-    url = stack.web_server()
-    r = stack.redis()
-    model.send_signal(signal.SIGSTOP)
-    try:
-        # One at a time: a pending blocking pop of the stopped server may take the first into flight.
-        waiting: list[Future] = []
-        while r.llen(wire.QUEUE) < 3:
-            waiting += send_many(url, 1, concurrency=1)
-            sent = len(waiting)
-            wait_until(lambda n=sent: r.llen(wire.QUEUE) + inflight_total(stack) == n, 10, "queued")
-        refused = post_image(url, digit_png())
-    finally:
-        model.send_signal(signal.SIGCONT)
-    assert refused.status_code == 503 and refused.json()["error"]["code"] == "overloaded"
-    assert refused.headers["Retry-After"].isdigit()
-    assert [f.result(timeout=30).status_code for f in waiting] == [200] * len(waiting)
-    assert refused.headers["X-Request-ID"] not in {i for _, ids in stack.batches() for i in ids}
-
-
-def test_api_keys_and_redis_password(make_stack):
-    stack = make_stack(redis_password="s3cret pass", API_KEYS="key-one, key-two")
-    stack.model_server()
-    url = stack.web_server()
-    assert post_image(url, digit_png()).status_code == 401
-    wrong = requests.post(
-        f"{url}/predict", files={"image": digit_png()}, headers={"Authorization": "Bearer nope"}, timeout=30
-    )
-    assert wrong.status_code == 401 and wrong.json()["error"]["code"] == "unauthorized"
-    for key in ("key-one", "key-two"):
-        ok = requests.post(
-            f"{url}/predict", files={"image": digit_png()}, headers={"Authorization": f"Bearer {key}"}, timeout=30
-        )
-        assert ok.status_code == 200, ok.text
 
 
 def rss_mb(pid: int) -> float:
@@ -225,11 +174,12 @@ def rss_mb(pid: int) -> float:
 
 def stress(url: str, tmp_path, *args: str) -> dict:
     out = tmp_path / f"stress-{time.monotonic_ns()}.json"
-    command = [sys.executable, "stress_test.py", "--url", f"{url}/predict", "--image", DIGIT, "--json", str(out)]
+    command = [sys.executable, "stress_test.py", "--url", f"{url}/predict", "--image", DIGIT_PATH, "--json", str(out)]
     subprocess.run([*command, *args], cwd=REPO, check=False, timeout=300, capture_output=True)
     return json.loads(out.read_text())
 
 
+@pytest.mark.processes
 def test_three_times_capacity_is_refused_early_not_queued_forever(make_stack, slow_model_file, tmp_path):
     stack = make_stack(MODEL=str(slow_model_file), BATCH_SIZE="8", QUEUE_LIMIT="16", REQUEST_TIMEOUT_S="5")
     model = stack.model_server()
@@ -244,4 +194,95 @@ def test_three_times_capacity_is_refused_early_not_queued_forever(make_stack, sl
     assert run["latency_ms"]["max"] <= 5000 + 2000  # every answer within REQUEST_TIMEOUT_S (and a margin)
     growth = {pid: rss_mb(pid) - before for pid, before in memory_before.items()}
     assert all(mb < 200 for mb in growth.values()), growth
-    assert post_image(url, digit_png()).status_code == 200  # serving normally right after
+    assert post_image(url, DIGIT).status_code == 200  # serving normally right after
+
+
+# ---------------------------------------------------------------- in-process
+
+
+def test_malformed_messages_are_dropped_and_their_batch_answered(r, model_servers, make_app, digits):
+    paused(model_servers, digits)
+    junk = [
+        b"not json",
+        pickle.dumps({"id": "x"}),
+        json.dumps({"id": "a", "shape": [8, 8, 1], "dtype": "float32", "data": "", "deadline": 1e12, "top_k": 1}),
+        json.dumps({"id": "b", "shape": [9, 9, 1], "dtype": "uint8", "data": "AAAA", "deadline": 1e12, "top_k": 1}),
+        json.dumps({"id": "c", "shape": [8, 8, 1], "dtype": "uint8", "data": "@@", "deadline": 1e12, "top_k": 1}),
+        json.dumps([1, 2, 3]),
+    ]
+    r.lpush(DIGITS.queue, *junk)
+    futures = send_many(make_app(), 4, concurrency=4)
+    wait_until(lambda: r.llen(DIGITS.queue) == len(junk) + 4, 10, "all queued")  # so they land in one batch
+    server = model_servers.start(digits)
+
+    responses = [f.result(timeout=30) for f in futures]
+
+    assert [r.status_code for r in responses] == [200] * 4
+    assert [len(batch.jobs) for batch in model_servers.batches] == [4]  # one batch: the junk's and the real jobs'
+    assert sorted(model_servers.computed) == sorted(r.json["request_id"] for r in responses)
+    assert model_servers.counted("malformed") == len(junk)
+    assert model_servers.running(server)
+
+
+def test_jobs_a_server_cannot_compute_are_answered_at_once_with_why(r, model_servers, digits):
+    """A malformed job that names its client, and one prepared for another input shape (the model was
+    replaced under its name), are answered at once rather than left to time out."""
+    paused(model_servers, digits)
+    bad_data = {"id": "bad", "reply_to": "w1", "shape": [8, 8, 1], "dtype": "uint8", "data": "@@", "deadline": 1e12}
+    r.lpush(DIGITS.queue, json.dumps({**bad_data, "top_k": 1}))
+    r.lpush(DIGITS.queue, wire.Job("old", "w1", np.zeros((28, 28, 1), np.uint8), 1e12, 3).encode())
+    model_servers.start(digits)
+
+    wait_until(lambda: r.llen(DIGITS.inbox("w1")) == 2, 10, "both answered")
+
+    answers = {a.request_id: a for a in map(wire.Result.decode, r.lrange(DIGITS.inbox("w1"), 0, -1))}
+    assert {i: a.error_code for i, a in answers.items()} == {"bad": "malformed", "old": "model_changed"}
+    assert "(8, 8, 1)" in answers["old"].error
+    assert model_servers.computed == [] and model_servers.counted("model_changed") == 1
+    assert model_servers.counted("malformed") == 1
+
+
+def test_expired_jobs_are_not_computed(r, model_servers, make_app, digits):
+    paused(model_servers, digits)
+    app = make_app(request_timeout_s=1)
+
+    responses = [f.result(timeout=30) for f in send_many(app, 5, concurrency=5)]
+
+    assert [r.status_code for r in responses] == [504] * 5
+    assert {r.json["error"]["code"] for r in responses} == {"timeout"}
+    assert r.llen(DIGITS.queue) == 5  # still queued: nobody took them in time
+    model_servers.start(digits)
+    wait_until(lambda: r.llen(DIGITS.queue) == 0 and model_servers.counted("expired") == 5, 10, "five skipped")
+    assert not set(model_servers.computed) & {r.headers["X-Request-ID"] for r in responses}
+
+
+def test_queue_limit_refuses_at_once_with_retry_after(r, model_servers, make_app, digits):
+    paused(model_servers, digits)
+    app = make_app(queue_limit=3)
+    waiting = send_many(app, 3, concurrency=3)
+    wait_until(lambda: r.llen(DIGITS.queue) == 3, 10, "queued")
+
+    refused = upload(app.test_client(), DIGIT)
+
+    model_servers.start(digits)
+    assert refused.status_code == 503 and refused.json["error"]["code"] == "overloaded"
+    assert refused.headers["Retry-After"].isdigit()
+    assert [f.result(timeout=30).status_code for f in waiting] == [200] * 3
+    assert refused.headers["X-Request-ID"] not in model_servers.computed and len(model_servers.computed) == 3
+    assert r.llen(DIGITS.queue) == 0 and inflight(r, DIGITS) == []
+
+
+def test_api_keys_and_redis_password(own_redis, settings, make_app, digits):
+    url, _ = own_redis(password="s3cret pass")
+    keys = Settings.from_env({"API_KEYS": "key-one, key-two"}).api_keys
+    with ModelServers(url, settings) as servers:
+        servers.start(digits)
+        client = make_app(redis_url=url, api_keys=keys).test_client()
+
+        assert_rejected(redis.Redis.from_url(url), servers, upload(client, DIGIT), 401, "unauthorized")
+        wrong = upload(client, DIGIT, headers={"Authorization": "Bearer nope"})
+        assert wrong.status_code == 401 and wrong.json["error"]["code"] == "unauthorized"
+        for key in ("key-one", "key-two"):
+            ok = upload(client, DIGIT, headers={"Authorization": f"Bearer {key}"})
+            assert ok.status_code == 200, ok.text
+        assert len(servers.computed) == 2

@@ -9,8 +9,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
+import model_server
 from serving import images, zoo
-from tests.conftest import post_image
+from settings import Settings
+from tests.conftest import upload
 
 
 @pytest.fixture(scope="module")
@@ -23,23 +25,28 @@ def resnet_file(tmp_path_factory: pytest.TempPathFactory) -> pathlib.Path:
     return path
 
 
-def test_random_resnet50_file_serves_with_caffe_preprocessing(make_stack, resnet_file):
-    stack = make_stack(MODEL=str(resnet_file), PREPROCESS="caffe", LABELS=str(zoo.IMAGENET_CLASSES))
-    stack.model_server()
-    url = stack.web_server()
+def test_random_resnet50_file_serves_with_caffe_preprocessing(model_servers, redis_url, make_app, resnet_file):
+    import keras
+
+    config = Settings(redis_url=redis_url, model=str(resnet_file), preprocess="caffe", labels=str(zoo.IMAGENET_CLASSES))
+    servable = model_server.load(config)  # as `python model_server.py` loads MODEL
+    model_servers.start(servable)
     photo = np.random.default_rng(0).integers(0, 256, (300, 400, 3), np.uint8)
     buffer = io.BytesIO()
     Image.fromarray(photo).save(buffer, "JPEG", quality=95)
 
-    response = post_image(url, buffer.getvalue(), top_k=3)
+    response = upload(make_app().test_client(), buffer.getvalue(), top_k=3)
 
     assert response.status_code == 200, response.text
-    served = response.json()["predictions"]
-    # The same pixels through the same file in-process, with Keras' own caffe preprocessing.
-    local = zoo.load(str(resnet_file), labels=str(zoo.IMAGENET_CLASSES), preprocess="caffe")
-    assert local.info.shape == (224, 224, 3)
+    body = response.json
+    assert body["model"] == "resnet50_random" and servable.info.shape == (224, 224, 3)
+    served = body["predictions"]
+    # The same pixels through the same Keras model, with Keras' own ResNet50 (caffe) preprocessing.
     pixels = images.decode(buffer.getvalue(), 224, 224, 3)
-    expected = zoo.top_k(local.predict(pixels[np.newaxis])[0], local.labels, 3)
-    assert [p["label"] for p in served] == [p["label"] for p in expected]
-    np.testing.assert_allclose([p["probability"] for p in served], [p["probability"] for p in expected], atol=1e-5)
-    assert all(p["label"] in local.labels for p in served)
+    x = keras.applications.resnet50.preprocess_input(pixels[np.newaxis].astype(np.float32))
+    probabilities = np.asarray(servable.model.predict_on_batch(x))[0]
+    best = np.argsort(-probabilities, kind="stable")[:3]
+    labels = zoo.IMAGENET_CLASSES.read_text().splitlines()
+    assert [p["label"] for p in served] == [labels[i] for i in best]
+    np.testing.assert_allclose([p["probability"] for p in served], probabilities[best], atol=1e-5)
+    assert all(p["label"] in servable.info.labels for p in served)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import threading
 from collections import Counter
 
+import pytest
 import requests
 
 from scripts.processes import REPO, stop, wait_until
@@ -59,6 +60,7 @@ class SteadyLoad:
         wait_until(done, 120, what)
 
 
+@pytest.mark.processes
 def test_a_rollout_moves_traffic_to_v2_and_stops_v1_without_losing_a_request(make_stack):
     stack = make_stack()
     v1 = stack.model_server(MODEL_VERSION="1")
