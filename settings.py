@@ -101,7 +101,12 @@ class Settings:
             raise SystemExit(f"setting LOG_FORMAT={self.log_format!r} must be text or json")
 
     def replace(self, **changes: object) -> Settings:
-        """A copy with some settings changed (tests and benchmarks build variants this way)."""
+        """A copy with some settings changed (tests and benchmarks build variants this way).
+
+        A model name that was derived from MODEL is derived again from a new MODEL.
+        """
+        if "model" in changes and "model_name" not in changes and self.model_name == default_model_name(self.model):
+            changes["model_name"] = ""
         return dataclasses.replace(self, **changes)
 
     @property

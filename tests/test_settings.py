@@ -1,0 +1,35 @@
+"""settings.Settings: read from the environment, checked, and derived where the contract says so."""
+
+from __future__ import annotations
+
+import pytest
+
+from settings import Settings
+
+
+def test_each_field_comes_from_the_variable_of_its_name():
+    env = {"BATCH_SIZE": "8", "REQUEST_TIMEOUT_S": "2.5", "API_KEYS": " a, b ,,", "MODEL": "/m/colours.keras"}
+    s = Settings.from_env(env)
+    assert (s.batch_size, s.request_timeout_s, s.api_keys) == (8, 2.5, frozenset({"a", "b"}))
+    assert s.model_name == "colours"  # MODEL_NAME defaults from the file's name
+    assert Settings.from_env({"MODEL": "digits", "BATCH_SIZE": " "}).batch_size == 32  # blank keeps the default
+
+
+@pytest.mark.parametrize(
+    "env, says",
+    [
+        ({"BATCH_SIZE": "many"}, "BATCH_SIZE='many' must be a whole number"),
+        ({"BATCH_SIZE": "0"}, "BATCH_SIZE=0 must be at least 1"),
+        ({"REQUEST_TIMEOUT_S": "soon"}, "REQUEST_TIMEOUT_S='soon' must be a number"),
+        ({"MODEL_NAME": "a b"}, "MODEL_NAME='a b'"),
+        ({"LOG_FORMAT": "xml"}, "LOG_FORMAT='xml'"),
+    ],
+)
+def test_a_value_that_cannot_work_stops_with_its_name(env, says):
+    with pytest.raises(SystemExit, match=says):
+        Settings.from_env(env)
+
+
+def test_replace_derives_the_model_name_again_unless_it_was_set():
+    assert Settings(model="digits").replace(model="/m/colours.keras").model_name == "colours"
+    assert Settings(model="digits", model_name="mine").replace(model="/m/colours.keras").model_name == "mine"
