@@ -1,6 +1,7 @@
 """Gunicorn configuration for the web tier (python web_server.py starts gunicorn with it)."""
 
 import os
+import resource
 import shutil
 import tempfile
 
@@ -14,9 +15,16 @@ METRICS_DIR = os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="
 bind = f"0.0.0.0:{settings.port}"
 workers = settings.web_workers
 # Each request spends nearly all its time waiting on Redis for its answer: gevent lets one
-# worker hold a thousand of those at once for the cost of a greenlet each.
-worker_class = "gevent"
-worker_connections = 1000
+# worker hold any number of those at once for the cost of a greenlet and a file descriptor each,
+# so the open-file limit is what caps a worker's connections (raised to the hard limit here,
+# inherited by the workers; RESERVED_FDS are left for Redis connections, logs and metrics files).
+worker_class = "serving.gunicorn_worker.Worker"
+RESERVED_FDS = 200
+_soft, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+resource.setrlimit(resource.RLIMIT_NOFILE, (_hard, _hard))
+worker_connections = max(100, _hard - RESERVED_FDS)
+# Connections not yet accepted wait here; the kernel caps it at net.core.somaxconn (4096 here).
+backlog = 65535
 # On SIGTERM a worker stops accepting and gets this long to finish the requests it holds,
 # which by then wait at most REQUEST_TIMEOUT_S for their answer.
 graceful_timeout = int(settings.request_timeout_s) + 5
