@@ -42,7 +42,8 @@ def main() -> int:
     import keras  # loaded by zoo.load already: which backend it runs on is worth a line in the log
 
     logs.event(log, "loaded", model=settings.model, backend=keras.backend.backend())
-    r = connections.connect(settings.redis_url, socket_timeout=BLOCK_S + 5)
+    name = connections.client_name("model", settings.model_name)
+    r = connections.connect(settings.redis_url, socket_timeout=BLOCK_S + 5, name=name)
     server = ModelServer(servable, r, settings)
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: server.stop())
