@@ -425,6 +425,15 @@ def test_tiers_wait_for_a_healthy_redis_and_can_scale(variant):
         assert tier == "web" or ("ports" not in service and "expose" not in service), tier
 
 
+@pytest.mark.parametrize("variant", STACKS)
+def test_the_web_tier_may_hold_ten_thousand_connections(variant):
+    """A web worker holds a connection per client, up to its open-file limit (serving/gunicorn_conf.py)."""
+    web = stack(*STACKS[variant])[0]["services"]["web"]
+    nofile = web["ulimits"]["nofile"]
+    assert int(nofile["soft"]) == int(nofile["hard"]) >= 20_000
+    assert int(web["sysctls"]["net.core.somaxconn"]) >= 4096
+
+
 def test_the_web_tier_publishes_its_port_and_checks_health(make_app, serve_http):
     web = stack(COMPOSE)[0]["services"]["web"]
     _, stages = dockerfile(REPO / web["build"].get("dockerfile", "Dockerfile"))
