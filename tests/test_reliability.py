@@ -146,10 +146,9 @@ def test_redis_outage_answers_503_and_both_tiers_recover(make_stack):
     assert post_image(url, DIGIT).status_code == 200
 
     stop(stack.redis_process, timeout_s=10)
-    started = time.monotonic()
+    # Within 20 s, less than REQUEST_TIMEOUT_S (30): a request that hung until its timeout fails here.
     response = post_image(url, DIGIT, timeout=20)
     assert response.status_code == 503 and response.json()["error"]["code"] == "unavailable"
-    assert time.monotonic() - started < 10  # an answer, not a hang until the request timeout
     ready = over_http("GET", f"{url}/ready", timeout=10)
     assert ready.status_code == 503 and "redis" in ready.json()["reason"]
 
