@@ -18,7 +18,7 @@ from flask import Blueprint, Response, g, jsonify, request
 from serving import tensors, wire
 from serving.dispatch import admit_early, infer, pixels_of, resolve
 from serving.errors import ApiError
-from serving.upload import b64decode, read_body
+from serving.upload import TIMEOUT_HEADER, b64decode, parse_timeout, read_body
 from serving.webtier import public, tier
 
 PREFIX = "/v2"
@@ -82,14 +82,16 @@ def model_ready(name: str, version: str | None = None) -> Response:
 @v2.post("/models/<name>/versions/<version>/infer")
 def model_infer(name: str, version: str | None = None) -> Response:
     t = tier()
-    deadline = t.clock.now() + t.settings.request_timeout_s  # from arrival: decoding counts too
+    # The protocol has no timeout of its own here: the header /predict takes may shorten REQUEST_TIMEOUT_S.
+    timeout_s = parse_timeout(None, request.headers.get(TIMEOUT_HEADER), t.settings.request_timeout_s)
+    deadline = t.clock.now() + timeout_s  # from arrival: decoding counts too
     body = _read(read_body(request), request.headers.get(tensors.HEADER_LENGTH))
     model = resolve(name, version)
     wanted = _requested(body, model.info)
     tensor = _input(body.inputs, model.info)
-    admit_early(model, len(tensor.data), deadline, t.settings.request_timeout_s)  # before decoding
+    admit_early(model, len(tensor.data), deadline, timeout_s)  # before decoding
     pixels = _pixels(tensor, model.info, deadline)
-    results = infer(model, pixels, wanted.classification or None, deadline, t.settings.request_timeout_s)
+    results = infer(model, pixels, wanted.classification or None, deadline, timeout_s)
     output = _classes(results, model.info) if wanted.classification else _probabilities(results)
     header = {"model_name": model.keys.name, "model_version": str(model.keys.version), "id": body.id or g.request_id}
     payload, headers = tensors.write_response(header, [(output, bool(wanted.binary))])

@@ -87,6 +87,21 @@ def test_timeout_ms_shortens_the_deadline(r, make_app, where):
     assert before + 0.25 - TOLERANCE_S <= queued_deadline(r) <= queued_at + 0.25 + TOLERANCE_S
 
 
+def test_the_header_shortens_the_deadline_of_an_open_inference_protocol_request(r, make_app):
+    announce(r)
+    client = make_app().test_client()
+    tensor = {"name": "image", "datatype": "BYTES", "shape": [1], "data": [base64.b64encode(DIGIT).decode()]}
+
+    def infer() -> object:
+        headers = {"X-Request-Timeout-Ms": "250"}
+        return client.post("/v2/models/digits/infer", json={"inputs": [tensor]}, headers=headers)
+
+    response, before, queued_at = watched(r, infer)
+
+    assert response.status_code == 504 and "within 0.25 s" in response.json["error"], response.json
+    assert before + 0.25 - TOLERANCE_S <= queued_deadline(r) <= queued_at + 0.25 + TOLERANCE_S
+
+
 def test_a_timeout_never_lengthens_request_timeout_s(r, make_app):
     announce(r)
     client = make_app(request_timeout_s=0.3).test_client()
