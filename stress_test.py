@@ -159,6 +159,12 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="S",
         help="give up on a request S seconds after it was due (default: 60)",
     )
+    parser.add_argument(
+        "--warm-up",
+        type=positive(float),
+        metavar="S",
+        help="with --duration: load for S seconds more first, and leave the requests sent then out of the results",
+    )
     parser.add_argument("--json", metavar="FILE", help="write the summary as JSON to FILE")
     parser.add_argument("--plot", metavar="FILE.png", help="draw latency over time and a latency histogram to FILE.png")
     return parser
@@ -345,9 +351,13 @@ class Connection:
 class Recorder:
     """Everything measured during a run; times are time.perf_counter() values or seconds."""
 
+    # requests sent in the first `warm_up` seconds are not recorded: a run of thousands of clients
+    # starts with all of them connecting at once, which is not the steady state it is meant to measure
+    warm_up: float = 0.0
     start: float = field(default_factory=time.perf_counter)
     start_cpu: float = field(default_factory=time.process_time)
-    # (send time since start, latency, outcome) of every finished request
+    wall_offset: float = field(default_factory=lambda: time.time() - time.perf_counter())  # to the epoch
+    # (send time since the warm-up ended, latency, outcome) of every finished request sent after it
     records: list[tuple[float, float, str]] = field(default_factory=list)
     # latencies of the requests that got an HTTP answer, whatever its status
     answered: list[float] = field(default_factory=list)
@@ -357,13 +367,24 @@ class Recorder:
     # every outcome but 200, finer than the outcome: "503 overloaded" (status and error code), the status
     # alone for an error answer without a code, or the exception name
     error_codes: Counter = field(default_factory=Counter)
-    duration: float = 0.0  # wall and CPU time of the run, once finish() was called
-    cpu_time: float = 0.0
+    # when each request finished, warm-up ones too: the rate while sending counts every answer in its time
+    finishes: list[float] = field(default_factory=list)
+    sending_until: float | None = None  # when the last request was sent (or due)
+    duration: float = 0.0  # after the warm-up, once finish() was called
+    cpu_percent: float = 0.0  # of the whole run, warm-up included
+
+    @property
+    def measured_from(self) -> float:
+        return self.start + self.warm_up
 
     def add(self, sent: float, outcome: str, code: str | None = None) -> None:
         """Record a request that was sent (or due) at `sent`, its outcome and, for an error answer, its code."""
-        latency = time.perf_counter() - sent
-        self.records.append((sent - self.start, latency, outcome))
+        now = time.perf_counter()
+        self.finishes.append(now)
+        if sent < self.measured_from:
+            return
+        latency = now - sent
+        self.records.append((sent - self.measured_from, latency, outcome))
         if outcome.isdigit():  # an HTTP status, not an exception name
             self.answered.append(latency)
             self.ok += outcome == "200"
@@ -371,8 +392,24 @@ class Recorder:
             self.error_codes[f"{outcome} {code}" if code else outcome] += 1
 
     def finish(self) -> None:
-        self.duration = time.perf_counter() - self.start
-        self.cpu_time = time.process_time() - self.start_cpu
+        now = time.perf_counter()
+        self.duration = now - self.measured_from
+        self.cpu_percent = 100.0 * (time.process_time() - self.start_cpu) / (now - self.start)
+
+    def rate_while_sending(self) -> float | None:
+        """Requests finished a second between the warm-up and the last send: the steady rate of a closed
+        loop, unlike throughput over the whole run, which includes the drain at the end."""
+        until = self.sending_until
+        if until is None or until <= self.measured_from:
+            return None
+        finished = sum(1 for t in self.finishes if self.measured_from <= t <= until)
+        return finished / (until - self.measured_from)
+
+    def window(self) -> dict[str, float]:
+        """The measured part as Unix times: from the warm-up's end, to the last send and the last answer."""
+        end = self.measured_from + self.duration
+        times = {"from": self.measured_from, "sending_until": self.sending_until or end, "until": end}
+        return {key: round(self.wall_offset + t, 3) for key, t in times.items()}
 
 
 @dataclass
@@ -382,14 +419,19 @@ class Budget:
     requests: int | None
     duration: float | None
     stopped: bool = False
+    ended_at: float | None = None  # when it first said no: sending ended
 
     def allows(self, index: int, elapsed: float) -> bool:
         if self.stopped:
-            return False
-        if self.requests is not None:
-            return index < self.requests
-        assert self.duration is not None
-        return elapsed < self.duration
+            allowed = False
+        elif self.requests is not None:
+            allowed = index < self.requests
+        else:
+            assert self.duration is not None
+            allowed = elapsed < self.duration
+        if not allowed and self.ended_at is None:
+            self.ended_at = time.perf_counter()
+        return allowed
 
     def stop(self) -> None:
         self.stopped = True
@@ -526,7 +568,10 @@ class RunningPercentiles:
 def progress_line(rec: Recorder, total: int | None, rate: float, latency: RunningPercentiles) -> str:
     done = len(rec.records)
     count = f"{done}/{total}" if total else str(done)
-    line = f"[{time.perf_counter() - rec.start:7.1f}s] {count} done | {rate:8.1f} req/s | {done - rec.ok} errors"
+    now = time.perf_counter()
+    if now < rec.measured_from:
+        return f"[{now - rec.start:7.1f}s] warming up | {rate:8.1f} req/s"
+    line = f"[{now - rec.start:7.1f}s] {count} done | {rate:8.1f} req/s | {done - rec.ok} errors"
     if rec.answered:
         latency.update(rec.answered)
         line += f" | p50 {latency.ms(50):.1f} ms  p99 {latency.ms(99):.1f} ms"
@@ -553,7 +598,7 @@ def progress(rec: Recorder, total: int | None, stream: TextIO) -> Iterator[None]
         last_done, last_time = 0, time.perf_counter()
         while True:
             gevent.sleep(interval)
-            done, now = len(rec.records), time.perf_counter()
+            done, now = len(rec.finishes), time.perf_counter()
             draw((done - last_done) / (now - last_time))
             last_done, last_time = done, now
 
@@ -578,6 +623,7 @@ def latency_stats(latencies_s: list[float]) -> dict[str, float | None]:
 
 def summarize(rec: Recorder, settings: dict[str, Any]) -> dict[str, Any]:
     outcomes = Counter(outcome for _, _, outcome in rec.records)
+    steady = rec.rate_while_sending()
     requests = len(rec.records)
     summary: dict[str, Any] = {
         "requests": requests,
@@ -587,6 +633,10 @@ def summarize(rec: Recorder, settings: dict[str, Any]) -> dict[str, Any]:
         "error_codes": dict(rec.error_codes.most_common()),
         "duration_s": round(rec.duration, 3),
         "throughput_rps": round(requests / rec.duration, 2),
+        # closed loop at high concurrency: the drain at the end (fewer and fewer clients left) lowers
+        # throughput_rps, but not this
+        "throughput_while_sending_rps": None if steady is None else round(steady, 2),
+        "window": rec.window(),  # Unix times, to find the server's own records of the same requests
         "latency_ms": latency_stats(rec.answered),
         # e.g. how fast refusals (503) come, beside the answers (200): the overload benchmark reads this
         "latency_ms_by_status": {
@@ -597,7 +647,7 @@ def summarize(rec: Recorder, settings: dict[str, Any]) -> dict[str, Any]:
         "answered": len(rec.answered),
         "status_counts": {key: n for key, n in sorted(outcomes.items()) if key.isdigit()},
         # near 100 % of a core means this client, not the server, set the pace
-        "client_cpu_percent": round(100.0 * rec.cpu_time / rec.duration, 1),
+        "client_cpu_percent": round(rec.cpu_percent, 1),
         "settings": settings,
     }
     if rec.schedule_lags:
@@ -685,6 +735,8 @@ def settings_of(args: argparse.Namespace) -> dict[str, Any]:
         settings["requests"] = args.requests
     else:
         settings["duration_s"] = args.duration
+    if args.warm_up:
+        settings["warm_up_s"] = args.warm_up
     return settings
 
 
@@ -714,7 +766,8 @@ def files_warning(args: argparse.Namespace, limit: int) -> str | None:
 
 def run(args: argparse.Namespace, target: Target) -> Recorder:
     """Generate the load described by `args`; return what was recorded."""
-    budget = Budget(args.requests, args.duration)
+    warm_up = args.warm_up or 0.0
+    budget = Budget(args.requests, None if args.duration is None else warm_up + args.duration)
 
     def interrupted() -> None:
         # the first Ctrl-C stops sending and still reports; a second one quits at once
@@ -723,12 +776,13 @@ def run(args: argparse.Namespace, target: Target) -> Recorder:
         budget.stop()
 
     gevent.signal_handler(signal.SIGINT, interrupted)
-    rec = Recorder()
+    rec = Recorder(warm_up=warm_up)
     with progress(rec, args.requests, sys.stderr):
         if args.rate is not None:
             run_open_loop(target, args.rate, args.connections, budget, args.timeout, rec)
         else:
             run_closed_loop(target, args.concurrency, budget, args.timeout, rec)
+    rec.sending_until = budget.ended_at
     rec.finish()
     return rec
 
@@ -738,6 +792,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.rate is None and args.concurrency is None:
         args.concurrency = 1
+    if args.warm_up and args.duration is None:
+        parser.error("--warm-up goes with --duration")
     try:
         target = build_target(args.url, args.image)
     except ValueError as exc:

@@ -168,6 +168,18 @@ def test_open_loop_sends_rate_times_duration(upstream, tmp_path):
     check_plot(tmp_path)
 
 
+def test_requests_sent_during_the_warm_up_are_left_out(upstream, tmp_path):
+    path = image(tmp_path, "warm.jpg")
+    done, summary = stress(tmp_path, f"{upstream}/predict", path, rate=40, duration=1.5, **{"warm-up": 1.5})
+    assert done.returncode == 0, done.stderr
+    check_consistent(summary)
+    sent = uploads(upstream)[digest(path)]["count"]
+    assert 40 <= summary["requests"] <= 80 and sent >= 2 * summary["requests"] - 10  # half of them measured
+    window = summary["window"]
+    assert window["from"] < window["sending_until"] <= window["until"]
+    assert summary["throughput_while_sending_rps"] > 0 and summary["settings"]["warm_up_s"] == 1.5
+
+
 def test_no_server_gives_the_exception_name(tmp_path):
     with socket.socket() as unused:
         unused.bind(("127.0.0.1", 0))  # bound but not listening: connections are refused
@@ -238,6 +250,7 @@ def test_an_early_answer_to_a_large_upload_is_counted(tmp_path):
         (["--image", "{image}", "--requests", "1", "--duration", "1"], "not allowed"),
         (["--image", "{image}", "--requests", "1", "--concurrency", "2", "--rate", "1"], "not allowed"),
         (["--image", "{image}", "--requests", "0"], "greater than 0"),
+        (["--image", "{image}", "--requests", "1", "--warm-up", "1"], "--warm-up goes with --duration"),
     ],
 )
 def test_usage_errors_exit_2(tmp_path, args, message):
