@@ -367,6 +367,7 @@ class Recorder:
     # every outcome but 200, finer than the outcome: "503 overloaded" (status and error code), the status
     # alone for an error answer without a code, or the exception name
     error_codes: Counter = field(default_factory=Counter)
+    warm_up_error_codes: Counter = field(default_factory=Counter)  # the same for the warm-up's requests
     # when each request finished, warm-up ones too: the rate while sending counts every answer in its time
     finishes: list[float] = field(default_factory=list)
     sending_until: float | None = None  # when the last request was sent (or due)
@@ -382,6 +383,8 @@ class Recorder:
         now = time.perf_counter()
         self.finishes.append(now)
         if sent < self.measured_from:
+            if outcome != "200":  # not measured, but never hidden: a connect storm's failures show here
+                self.warm_up_error_codes[f"{outcome} {code}" if code else outcome] += 1
             return
         latency = now - sent
         self.records.append((sent - self.measured_from, latency, outcome))
@@ -631,6 +634,7 @@ def summarize(rec: Recorder, settings: dict[str, Any]) -> dict[str, Any]:
         "errors": {key: n for key, n in outcomes.most_common() if key != "200"},
         # the same requests by error code too: a 503 "overloaded" (refused, retry) is not a 503 "unavailable"
         "error_codes": dict(rec.error_codes.most_common()),
+        "warm_up_error_codes": dict(rec.warm_up_error_codes.most_common()),
         "duration_s": round(rec.duration, 3),
         "throughput_rps": round(requests / rec.duration, 2),
         # closed loop at high concurrency: the drain at the end (fewer and fewer clients left) lowers

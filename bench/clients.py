@@ -147,6 +147,8 @@ def measure(stack: Stack, url: str, clients: int, duration: float) -> dict:
         "server": server_latency(log.new_requests(), run["window"]),
         "errors": run["errors"],
         "error_codes": run["error_codes"],
+        # a client stuck connecting since the start fails in the warm-up: shown, though not measured
+        "warm_up_error_codes": run.get("warm_up_error_codes", {}),
         "client_cpu_percent": run["client_cpu_percent"],
         "redis_clients": redis_clients.figures(),
     }
@@ -186,6 +188,8 @@ def format_row(p: dict) -> str:
     gap = None if server["p99_ms"] is None else p["client_p99_ms"] - server["p99_ms"]
     errors = ", ".join(f"{key}: {n}" for key, n in p["errors"].items()) or "none"
     codes = ", ".join(f"{key}: {n}" for key, n in p["error_codes"].items()) or "none"
+    if warm_up := p.get("warm_up_error_codes"):
+        codes += "; in the warm-up: " + ", ".join(f"{key}: {n}" for key, n in warm_up.items())
     r = p["redis_clients"]
     return (
         f"| {p['clients']} | {shown(p['rps'], 1)} | {shown(p['client_p50_ms'], 1)} | {shown(p['client_p99_ms'])} "

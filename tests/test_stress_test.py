@@ -178,6 +178,7 @@ def test_requests_sent_during_the_warm_up_are_left_out(upstream, tmp_path):
     window = summary["window"]
     assert window["from"] < window["sending_until"] <= window["until"]
     assert summary["throughput_while_sending_rps"] > 0 and summary["settings"]["warm_up_s"] == 1.5
+    assert summary["warm_up_error_codes"] == {}
 
 
 def test_no_server_gives_the_exception_name(tmp_path):
