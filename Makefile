@@ -3,11 +3,12 @@
 # make bench / make sweep: the side-by-side benchmark and the batching sweep (bench/results/).
 # make bench-overload: goodput, refusals and latency from 0.5x to 10x capacity (bench/results/overload.*).
 # make bench-model: one model server draining a full queue against its model's predict ceiling.
+# make bench-clients: 1 to 10,000 concurrent clients against the default deployment (bench/results/clients.*).
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: run test lint bench sweep bench-overload bench-model
+.PHONY: run test lint bench sweep bench-overload bench-model bench-clients
 
 run: $(VENV)/.run-deps
 	$(BIN)/python scripts/run.py
@@ -30,6 +31,9 @@ bench-overload: $(VENV)/.test-deps
 
 bench-model: $(VENV)/.test-deps
 	$(BIN)/python -m bench.model_tier
+
+bench-clients: $(VENV)/.test-deps
+	$(BIN)/python -m bench.clients
 
 $(VENV)/.run-deps: requirements.txt requirements-web.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)

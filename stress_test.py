@@ -43,6 +43,7 @@ import itertools
 import json
 import mimetypes
 import os
+import resource
 import select
 import signal
 import socket
@@ -62,6 +63,8 @@ import gevent.queue
 import numpy as np
 from geventhttpclient.response import HTTPSocketResponse
 
+blocking_poll = monkey.get_original("select", "poll")
+
 # A kept-alive socket idle for longer than this is checked before reuse: servers
 # drop idle connections (gunicorn after 2 s), and a POST sent into a closed
 # connection would fail although the server is healthy.
@@ -71,6 +74,8 @@ RECV_SIZE = 64 * 1024
 CPU_WARNING_PERCENT = 90.0
 LAG_WARNING_MS = 10.0
 PERCENTILES = (50, 90, 95, 99)
+# Open files besides the client sockets: the interpreter's, numpy's, the outputs.
+SPARE_FILES = 64
 
 Address = tuple[int, Any]  # (socket family, sockaddr) as returned by getaddrinfo
 
@@ -87,10 +92,13 @@ load models:
 results:
   latency statistics are over every request that got an HTTP answer, whatever its
   status; requests that got no answer (refused, reset, timed out) count as errors
-  under their exception name ("timeout" for every kind of timeout), non-200 answers
-  under their status code. Throughput is finished requests (ok or not) per second of
-  run time. A warning on stderr says when this client may have been the bottleneck
-  (it used most of a core, or sent late against its schedule).
+  under their exception name ("timeout" for every kind of timeout while waiting for
+  an answer, "connect_timeout" when the server did not take the connection in time),
+  non-200 answers under their status code; "error_codes" counts the same errors by
+  the error code in the JSON body as well ("503 overloaded", "503 unavailable").
+  Throughput is finished requests (ok or not) per second of run time. A warning
+  on stderr says when this client may have been the bottleneck (it used
+  most of a core, or sent late against its schedule).
   Exit status: 0 if every request got 200, 1 otherwise, 2 on usage errors.
 """
 
@@ -150,6 +158,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=60.0,
         metavar="S",
         help="give up on a request S seconds after it was due (default: 60)",
+    )
+    parser.add_argument(
+        "--warm-up",
+        type=positive(float),
+        metavar="S",
+        help="with --duration: load for S seconds more first, and leave the requests sent then out of the results",
     )
     parser.add_argument("--json", metavar="FILE", help="write the summary as JSON to FILE")
     parser.add_argument("--plot", metavar="FILE.png", help="draw latency over time and a latency histogram to FILE.png")
@@ -255,9 +269,15 @@ def connect(addresses: list[Address], timeout: float) -> socket.socket:
 
 
 def peer_closed(sock: socket.socket) -> bool:
-    """True when an idle keep-alive socket was closed by the server (it turned readable)."""
-    readable, _, _ = select.select([sock], [], [], 0)
-    return bool(readable)
+    """True when an idle keep-alive socket was closed by the server (it turned readable).
+
+    poll, unlike select.select, takes descriptors past 1023, as a run of thousands of
+    connections has. The unpatched one: gevent's would switch greenlets, and a zero
+    timeout never blocks anyway.
+    """
+    poller = blocking_poll()
+    poller.register(sock, select.POLLIN)
+    return bool(poller.poll(0))
 
 
 def send_request(sock: socket.socket, request: bytes) -> None:
@@ -265,6 +285,19 @@ def send_request(sock: socket.socket, request: bytes) -> None:
         sock.sendall(request)
     except (BrokenPipeError, ConnectionResetError):
         pass  # the server may have answered early (413, say) and closed; the caller reads that answer
+
+
+class ConnectTimeout(TimeoutError):
+    """The connection was not established in time (the server did not accept it)."""
+
+
+def error_code(body: bytes) -> str | None:
+    """The machine code of an error answer, `{"error": {"code": ...}}`; None when the body has none."""
+    try:
+        code = json.loads(body)["error"]["code"]
+    except (ValueError, KeyError, TypeError):  # not JSON, or not the error shape
+        return None
+    return code if isinstance(code, str) else None
 
 
 class Connection:
@@ -276,20 +309,21 @@ class Connection:
         self._sock: socket.socket | None = None
         self._idle_since = 0.0
 
-    def post(self, request: bytes) -> int:
-        """Send a serialised request and return the response status."""
+    def post(self, request: bytes) -> tuple[int, str | None]:
+        """Send a serialised request; the response status and, for an error answer, its error code."""
         sock = self._socket()
         try:
             send_request(sock, request)
             response = HTTPSocketResponse(sock, block_size=RECV_SIZE, method="POST")
-            response.read()  # the body must be drained before the connection is reused
+            body = response.read()  # the body must be drained before the connection is reused
         except BaseException:
             self.close()
             raise
         if response.should_close():
             self._sock = None  # the response has closed the socket already
         self._idle_since = time.perf_counter()
-        return response.status_code
+        status = response.status_code
+        return status, None if status == 200 else error_code(body)  # only errors are parsed: 200s stay cheap
 
     def _socket(self) -> socket.socket:
         sock = self._sock
@@ -297,7 +331,10 @@ class Connection:
             if peer_closed(sock):
                 self.close()
         if self._sock is None:
-            self._sock = connect(self._addresses, self._timeout)
+            try:
+                self._sock = connect(self._addresses, self._timeout)
+            except TimeoutError as exc:  # a full accept backlog, not a slow answer: told apart in the results
+                raise ConnectTimeout(str(exc)) from exc
         return self._sock
 
     def close(self) -> None:
@@ -314,29 +351,68 @@ class Connection:
 class Recorder:
     """Everything measured during a run; times are time.perf_counter() values or seconds."""
 
+    # requests sent in the first `warm_up` seconds are not recorded: a run of thousands of clients
+    # starts with all of them connecting at once, which is not the steady state it is meant to measure
+    warm_up: float = 0.0
     start: float = field(default_factory=time.perf_counter)
     start_cpu: float = field(default_factory=time.process_time)
-    # (send time since start, latency, outcome) of every finished request
+    wall_offset: float = field(default_factory=lambda: time.time() - time.perf_counter())  # to the epoch
+    # (send time since the warm-up ended, latency, outcome) of every finished request sent after it
     records: list[tuple[float, float, str]] = field(default_factory=list)
     # latencies of the requests that got an HTTP answer, whatever its status
     answered: list[float] = field(default_factory=list)
     # open loop: how late the schedule released each arrival; large when this client fell behind
     schedule_lags: list[float] = field(default_factory=list)
     ok: int = 0
-    duration: float = 0.0  # wall and CPU time of the run, once finish() was called
-    cpu_time: float = 0.0
+    # every outcome but 200, finer than the outcome: "503 overloaded" (status and error code), the status
+    # alone for an error answer without a code, or the exception name
+    error_codes: Counter = field(default_factory=Counter)
+    warm_up_error_codes: Counter = field(default_factory=Counter)  # the same for the warm-up's requests
+    # when each request finished, warm-up ones too: the rate while sending counts every answer in its time
+    finishes: list[float] = field(default_factory=list)
+    sending_until: float | None = None  # when the last request was sent (or due)
+    duration: float = 0.0  # after the warm-up, once finish() was called
+    cpu_percent: float = 0.0  # of the whole run, warm-up included
 
-    def add(self, sent: float, outcome: str) -> None:
-        """Record a request that was sent (or due) at `sent`."""
-        latency = time.perf_counter() - sent
-        self.records.append((sent - self.start, latency, outcome))
+    @property
+    def measured_from(self) -> float:
+        return self.start + self.warm_up
+
+    def add(self, sent: float, outcome: str, code: str | None = None) -> None:
+        """Record a request that was sent (or due) at `sent`, its outcome and, for an error answer, its code."""
+        now = time.perf_counter()
+        self.finishes.append(now)
+        if sent < self.measured_from:
+            if outcome != "200":  # not measured, but never hidden: a connect storm's failures show here
+                self.warm_up_error_codes[f"{outcome} {code}" if code else outcome] += 1
+            return
+        latency = now - sent
+        self.records.append((sent - self.measured_from, latency, outcome))
         if outcome.isdigit():  # an HTTP status, not an exception name
             self.answered.append(latency)
             self.ok += outcome == "200"
+        if outcome != "200":
+            self.error_codes[f"{outcome} {code}" if code else outcome] += 1
 
     def finish(self) -> None:
-        self.duration = time.perf_counter() - self.start
-        self.cpu_time = time.process_time() - self.start_cpu
+        now = time.perf_counter()
+        self.duration = now - self.measured_from
+        self.cpu_percent = 100.0 * (time.process_time() - self.start_cpu) / (now - self.start)
+
+    def rate_while_sending(self) -> float | None:
+        """Requests finished a second between the warm-up and the last send: the steady rate of a closed
+        loop, unlike throughput over the whole run, which includes the drain at the end."""
+        until = self.sending_until
+        if until is None or until <= self.measured_from:
+            return None
+        finished = sum(1 for t in self.finishes if self.measured_from <= t <= until)
+        return finished / (until - self.measured_from)
+
+    def window(self) -> dict[str, float]:
+        """The measured part as Unix times: from the warm-up's end, to the last send and the last answer."""
+        end = self.measured_from + self.duration
+        times = {"from": self.measured_from, "sending_until": self.sending_until or end, "until": end}
+        return {key: round(self.wall_offset + t, 3) for key, t in times.items()}
 
 
 @dataclass
@@ -346,32 +422,43 @@ class Budget:
     requests: int | None
     duration: float | None
     stopped: bool = False
+    ended_at: float | None = None  # when it first said no: sending ended
 
     def allows(self, index: int, elapsed: float) -> bool:
         if self.stopped:
-            return False
-        if self.requests is not None:
-            return index < self.requests
-        assert self.duration is not None
-        return elapsed < self.duration
+            allowed = False
+        elif self.requests is not None:
+            allowed = index < self.requests
+        else:
+            assert self.duration is not None
+            allowed = elapsed < self.duration
+        if not allowed and self.ended_at is None:
+            self.ended_at = time.perf_counter()
+        return allowed
 
     def stop(self) -> None:
         self.stopped = True
 
 
 def error_name(exc: BaseException) -> str:
-    # socket and gevent timeouts look alike to the user: one stable key for both
+    # socket and gevent timeouts look alike to the user: one stable key for both, and one for connecting
+    if isinstance(exc, ConnectTimeout):
+        return "connect_timeout"
     return "timeout" if isinstance(exc, TimeoutError) else type(exc).__name__
 
 
-def exchange(post: Callable[[bytes], int], request: bytes, timeout: float) -> str:
-    """Run one request; the outcome is its HTTP status or the name of its error."""
+Outcome = tuple[str, str | None]  # HTTP status or error name; the error code of an error answer
+
+
+def exchange(post: Callable[[bytes], tuple[int, str | None]], request: bytes, timeout: float) -> Outcome:
+    """Run one request; its HTTP status and error code, or the name of its error."""
     try:
         # bounds the whole exchange: socket timeouts alone restart on every byte
         with gevent.Timeout(timeout, TimeoutError):
-            return str(post(request))
+            status, code = post(request)
+            return str(status), code
     except Exception as exc:  # every failure is a result to count, not a crash
-        return error_name(exc)
+        return error_name(exc), None
 
 
 def send_arrivals(arrivals: Iterable[tuple[int, float]], target: Target, timeout: float, rec: Recorder) -> None:
@@ -382,7 +469,7 @@ def send_arrivals(arrivals: Iterable[tuple[int, float]], target: Target, timeout
         # The timeout runs from the due time: an arrival that waited for a free client has used up some of it,
         # and one that waited all of it is not sent any more, so that an overloaded run still ends.
         remaining = timeout - (time.perf_counter() - due)
-        rec.add(due, exchange(conn.post, request, remaining) if remaining > 0 else "timeout")
+        rec.add(due, *(exchange(conn.post, request, remaining) if remaining > 0 else ("timeout", None)))
         # Take turns: an answer that is already there when asked for does not yield, so against a
         # fast server one client could otherwise go on and on while the others' answers wait.
         gevent.sleep(0)
@@ -484,7 +571,10 @@ class RunningPercentiles:
 def progress_line(rec: Recorder, total: int | None, rate: float, latency: RunningPercentiles) -> str:
     done = len(rec.records)
     count = f"{done}/{total}" if total else str(done)
-    line = f"[{time.perf_counter() - rec.start:7.1f}s] {count} done | {rate:8.1f} req/s | {done - rec.ok} errors"
+    now = time.perf_counter()
+    if now < rec.measured_from:
+        return f"[{now - rec.start:7.1f}s] warming up | {rate:8.1f} req/s"
+    line = f"[{now - rec.start:7.1f}s] {count} done | {rate:8.1f} req/s | {done - rec.ok} errors"
     if rec.answered:
         latency.update(rec.answered)
         line += f" | p50 {latency.ms(50):.1f} ms  p99 {latency.ms(99):.1f} ms"
@@ -511,7 +601,7 @@ def progress(rec: Recorder, total: int | None, stream: TextIO) -> Iterator[None]
         last_done, last_time = 0, time.perf_counter()
         while True:
             gevent.sleep(interval)
-            done, now = len(rec.records), time.perf_counter()
+            done, now = len(rec.finishes), time.perf_counter()
             draw((done - last_done) / (now - last_time))
             last_done, last_time = done, now
 
@@ -536,13 +626,21 @@ def latency_stats(latencies_s: list[float]) -> dict[str, float | None]:
 
 def summarize(rec: Recorder, settings: dict[str, Any]) -> dict[str, Any]:
     outcomes = Counter(outcome for _, _, outcome in rec.records)
+    steady = rec.rate_while_sending()
     requests = len(rec.records)
     summary: dict[str, Any] = {
         "requests": requests,
         "ok": outcomes.get("200", 0),
         "errors": {key: n for key, n in outcomes.most_common() if key != "200"},
+        # the same requests by error code too: a 503 "overloaded" (refused, retry) is not a 503 "unavailable"
+        "error_codes": dict(rec.error_codes.most_common()),
+        "warm_up_error_codes": dict(rec.warm_up_error_codes.most_common()),
         "duration_s": round(rec.duration, 3),
         "throughput_rps": round(requests / rec.duration, 2),
+        # closed loop at high concurrency: the drain at the end (fewer and fewer clients left) lowers
+        # throughput_rps, but not this
+        "throughput_while_sending_rps": None if steady is None else round(steady, 2),
+        "window": rec.window(),  # Unix times, to find the server's own records of the same requests
         "latency_ms": latency_stats(rec.answered),
         # e.g. how fast refusals (503) come, beside the answers (200): the overload benchmark reads this
         "latency_ms_by_status": {
@@ -553,7 +651,7 @@ def summarize(rec: Recorder, settings: dict[str, Any]) -> dict[str, Any]:
         "answered": len(rec.answered),
         "status_counts": {key: n for key, n in sorted(outcomes.items()) if key.isdigit()},
         # near 100 % of a core means this client, not the server, set the pace
-        "client_cpu_percent": round(100.0 * rec.cpu_time / rec.duration, 1),
+        "client_cpu_percent": round(rec.cpu_percent, 1),
         "settings": settings,
     }
     if rec.schedule_lags:
@@ -582,11 +680,14 @@ def bottleneck_warning(summary: dict[str, Any]) -> str | None:
 
 def format_summary(summary: dict[str, Any]) -> str:
     errors = summary["errors"]
+    # only when the codes say more than the statuses do (which 503s were "overloaded")
+    by_code = [("by error code", ""), *((f"  {key}", str(n)) for key, n in summary["error_codes"].items())]
     rows: list[tuple[str, str]] = [
         ("requests", str(summary["requests"])),
         ("ok (200)", str(summary["ok"])),
         ("errors", str(sum(errors.values()))),
         *((f"  {key}", str(n)) for key, n in errors.items()),
+        *(by_code if summary["error_codes"] != errors else ()),
         ("duration", f"{summary['duration_s']:.2f} s"),
         ("throughput", f"{summary['throughput_rps']:.1f} req/s"),
         (f"latency (ms), {summary['answered']} answered", ""),
@@ -638,12 +739,39 @@ def settings_of(args: argparse.Namespace) -> dict[str, Any]:
         settings["requests"] = args.requests
     else:
         settings["duration_s"] = args.duration
+    if args.warm_up:
+        settings["warm_up_s"] = args.warm_up
     return settings
+
+
+def raise_open_files_limit() -> int:
+    """Lift the soft limit on open files to the hard one (each client holds a socket); the limit now."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = hard if hard != resource.RLIM_INFINITY else 1 << 20
+    if soft != resource.RLIM_INFINITY and soft < wanted:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+        except (ValueError, OSError):  # the kernel's own cap (nr_open) is lower: keep what there is
+            return soft
+        return wanted
+    return soft
+
+
+def files_warning(args: argparse.Namespace, limit: int) -> str | None:
+    """Say so when the clients need more sockets than this process may open."""
+    needed = args.concurrency if args.rate is None else args.connections
+    if needed + SPARE_FILES <= limit:
+        return None
+    return (
+        f"warning: {needed} connections need about {needed + SPARE_FILES} open files, but the limit "
+        f"(ulimit -n) is {limit}: expect OSError (EMFILE) errors; raise the hard limit"
+    )
 
 
 def run(args: argparse.Namespace, target: Target) -> Recorder:
     """Generate the load described by `args`; return what was recorded."""
-    budget = Budget(args.requests, args.duration)
+    warm_up = args.warm_up or 0.0
+    budget = Budget(args.requests, None if args.duration is None else warm_up + args.duration)
 
     def interrupted() -> None:
         # the first Ctrl-C stops sending and still reports; a second one quits at once
@@ -652,12 +780,13 @@ def run(args: argparse.Namespace, target: Target) -> Recorder:
         budget.stop()
 
     gevent.signal_handler(signal.SIGINT, interrupted)
-    rec = Recorder()
+    rec = Recorder(warm_up=warm_up)
     with progress(rec, args.requests, sys.stderr):
         if args.rate is not None:
             run_open_loop(target, args.rate, args.connections, budget, args.timeout, rec)
         else:
             run_closed_loop(target, args.concurrency, budget, args.timeout, rec)
+    rec.sending_until = budget.ended_at
     rec.finish()
     return rec
 
@@ -667,10 +796,14 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.rate is None and args.concurrency is None:
         args.concurrency = 1
+    if args.warm_up and args.duration is None:
+        parser.error("--warm-up goes with --duration")
     try:
         target = build_target(args.url, args.image)
     except ValueError as exc:
         parser.error(str(exc))
+    if warning := files_warning(args, raise_open_files_limit()):
+        print(warning, file=sys.stderr)
     rec = run(args, target)
     summary = summarize(rec, settings_of(args))
     print(format_summary(summary))

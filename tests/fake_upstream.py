@@ -1,12 +1,15 @@
 """Tiny upstreams for stress_test.py: `python tests/fake_upstream.py [--port N] [--bare]`.
 
 Listens on 127.0.0.1 (a free port unless --port is given) with HTTP/1.1 keep-alive and
-prints `PORT <n>` once it accepts connections.
+prints `PORT <n>` once it accepts connections. It takes as many connections at once as its
+open-files limit allows (raised to the hard limit).
 
 The default is a Flask app that checks what it gets, for the tests:
 
 * POST /predict: 400 without a multipart file field `image`; 503 when the uploaded bytes
-  contain --fail-marker; 200 `{"success": true}` otherwise.
+  contain --fail-marker, with the contract's error body whose code is the lower-case letters
+  and underscores right after the marker (`FAIL503unavailable`), `overloaded` if none;
+  200 `{"success": true}` otherwise.
 * POST /hang: answers only after a minute, to exercise client timeouts.
 * GET /received: `{sha256 of each uploaded image: {"count": times received,
   "connections": how many client connections (ports) it came over}}`.
@@ -26,6 +29,8 @@ import argparse
 import contextlib
 import functools
 import hashlib
+import re
+import resource
 import socket
 from collections import defaultdict
 
@@ -46,8 +51,9 @@ def predict() -> tuple[dict, int]:
         return {"success": False, "error": "no file field 'image'"}, 400
     data = upload.read()
     received[hashlib.sha256(data).hexdigest()].append(request.environ["REMOTE_PORT"])
-    if app.config["FAIL_MARKER"] in data:
-        return {"success": False, "error": "asked to fail"}, 503
+    if failed := re.search(re.escape(app.config["FAIL_MARKER"]) + rb"([a-z_]*)", data):
+        code = failed.group(1).decode() or "overloaded"
+        return {"success": False, "error": {"code": code, "message": "asked to fail"}}, 503
     return {"success": True}, 200
 
 
@@ -71,6 +77,7 @@ class NoDelayWSGIServer(WSGIServer):
         super().handle(sock, address)
 
 
+BACKLOG = 4096  # the kernel caps it at net.core.somaxconn
 BARE_RESPONSE = b'HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 17\r\n\r\n{"success": true}'
 
 
@@ -118,10 +125,14 @@ def main() -> None:
     args = parser.parse_args()
     app.config["FAIL_MARKER"] = args.fail_marker.encode()
     address = ("127.0.0.1", args.port)
+    # thousands of clients connect at once: a socket each, and room for them in the accept queue
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     if args.bare:
-        server = StreamServer(address, functools.partial(bare_connection, idle_close=args.idle_close), backlog=1024)
+        handle = functools.partial(bare_connection, idle_close=args.idle_close)
+        server = StreamServer(address, handle, backlog=BACKLOG)
     else:
-        server = NoDelayWSGIServer(address, app, log=None)
+        server = NoDelayWSGIServer(address, app, log=None, backlog=BACKLOG)
     server.start()
     print(f"PORT {server.server_port}", flush=True)
     server.serve_forever()
