@@ -102,6 +102,11 @@ class ServerQueue:
         """Up to n jobs from the queue into `inflight`, in one transaction: each LMOVE is atomic, so two
         model servers never take the same job. Not a Lua script: a script copies every 200 KB job
         into Lua and back out (24 ms for 64 jobs here, against 8 ms for this)."""
+        # Asking for no more than the queue holds keeps a take from an empty or short queue at one
+        # LLEN (0.1 ms) instead of a transaction of BATCH_SIZE empty moves (0.5 ms at 32).
+        n = min(n, self.r.llen(self.keys.queue))
+        if n <= 0:
+            return []
         pipe = self.r.pipeline(transaction=True)
         for _ in range(n):
             pipe.lmove(self.keys.queue, inflight, "RIGHT", "LEFT")
