@@ -32,6 +32,7 @@ class Batch:
     probabilities: np.ndarray | None = None  # one row per job
     failure: str = ""  # why predict failed, if it did
     # Where the time went: taking from Redis, decoding, predict, building and sending the answers.
+    ran_dry: bool = False  # the queue was empty before the batch was full: nothing else waits to be taken
     take_seconds: float = 0.0
     decode_seconds: float = 0.0
     model_seconds: float = 0.0

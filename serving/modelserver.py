@@ -184,6 +184,7 @@ class ModelServer:
             raw = self.queue.take_more(slot, asked, window_s if batch.jobs else 0.0)
             if batch.jobs:  # the window opens once, when the batch's size is known
                 window_s = 0.0
+        batch.ran_dry = intake.wanted() > 0
         if batch.rejections or intake.rejected:  # answered now, not after the predict ahead of this batch
             self.queue.answer(slot, batch.rejections, self.settings.result_ttl_s, taken=intake.rejected)
         batch.take_seconds = time.perf_counter() - started - batch.decode_seconds
@@ -193,8 +194,14 @@ class ModelServer:
         while (batch := self._to_predict.get()) is not None:
             batch.size = padded(len(batch.jobs), self.sizes)
             self._busy_until = time.monotonic() + self.meter.predict_seconds(batch.size)
-            self._ready.release()  # the next batch may be taken while this one computes
+            # Under load the next batch is taken while this one computes. When the queue ran dry it is
+            # taken once predict is done instead: it then holds every job that came meanwhile, and at
+            # light load the take does not compete with predict for the GIL (0.7 ms of 3.6 at c=1).
+            if not batch.ran_dry:
+                self._ready.release()
             self._predict(batch)
+            if batch.ran_dry:
+                self._ready.release()
             self._to_answer.put(batch)
         self._to_answer.put(None)
 
