@@ -96,7 +96,7 @@ def limit(estimate: Estimate, remaining_s: float, queue_limit: int) -> Limit:
 def feasible(speeds: Sequence[wire.Speed], images: int, remaining_s: float) -> bool:
     """Whether an idle model tier (nothing held, nothing queued) could answer `images` in HEADROOM of remaining_s:
     if not, waiting would not help."""
-    return Estimate(speeds).depth_within(HEADROOM * remaining_s) >= images
+    return Estimate(speeds).wait_s(images) <= HEADROOM * remaining_s  # what depth_within() searches, for one n
 
 
 def retry_after_s(estimate: Estimate, excess: int) -> float:
