@@ -9,6 +9,8 @@ from __future__ import annotations
 import contextlib
 import io
 import pathlib
+import signal
+import subprocess
 import threading
 import urllib.parse
 import uuid
@@ -189,13 +191,34 @@ def in_parallel(app: Flask, calls: list[Callable[[FlaskClient], TestResponse]], 
         return list(pool.map(lambda call: call(app.test_client()), calls))
 
 
-def inflight(r: redis.Redis, keys: wire.ModelKeys) -> list[str]:
-    """The request ids in every model server's in-flight lists of one model."""
+def _inflight_jobs(r: redis.Redis, keys: wire.ModelKeys) -> list[wire.Job]:
     found = []
     every_server = keys.inflight("*", 0).removesuffix(":0")  # a pattern: any server id, any slot
     for key in r.scan_iter(match=every_server):
-        found += [wire.Job.decode(raw).request_id for raw in r.lrange(key, 0, -1)]
+        found += [wire.Job.decode(raw) for raw in r.lrange(key, 0, -1)]
     return found
+
+
+def inflight(r: redis.Redis, keys: wire.ModelKeys) -> list[str]:
+    """The request ids in every model server's in-flight lists of one model."""
+    return [job.request_id for job in _inflight_jobs(r, keys)]
+
+
+def held(r: redis.Redis, keys: wire.ModelKeys) -> list[wire.Job]:
+    """Every job of one model not answered yet: queued, or in a model server's in-flight lists."""
+    return [wire.Job.decode(raw) for raw in r.lrange(keys.queue, 0, -1)] + _inflight_jobs(r, keys)
+
+
+@contextlib.contextmanager
+def frozen(process: subprocess.Popen) -> Iterator[None]:
+    """A model server process stopped (SIGSTOP) within the block, then running on (SIGCONT): requests queue
+    meanwhile. Its heartbeat stops too: give the stack HEARTBEAT_TTL_S and NO_SERVER_GRACE_S longer than the block,
+    or it counts as dead."""
+    process.send_signal(signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        process.send_signal(signal.SIGCONT)
 
 
 def assert_rejected(
@@ -257,6 +280,15 @@ def make_stack(tmp_path: pathlib.Path) -> Iterator[Callable[..., Stack]]:
         stack.close()
 
 
+def answered_by(stack: Stack) -> set[str]:
+    """The web worker processes that answered a POST /predict with 200, from the web log's fields."""
+    return {
+        line["process"]
+        for line in Stack.log_lines(stack.web_logs[0])
+        if line["message"] == "request" and line["path"] == "/predict" and line["status"] == 200
+    }
+
+
 @pytest.fixture(scope="session")
 def holdout() -> tuple[np.ndarray, np.ndarray]:
     """The digits the shipped model never saw in training: (uint8 images N x 8 x 8 x 1, labels)."""
@@ -267,6 +299,14 @@ def holdout() -> tuple[np.ndarray, np.ndarray]:
     x, y = digit_images()
     _, x_test, _, y_test = train_test_split(x, y, stratify=y, **SPLIT)
     return x_test, y_test
+
+
+def probabilities(body: dict) -> np.ndarray:
+    """The ten probabilities of a digits answer asked with top_k=10, in class order."""
+    found = np.zeros(10)
+    for prediction in body["predictions"]:
+        found[int(prediction["label"])] = prediction["probability"]
+    return found
 
 
 def png(pixels: np.ndarray) -> bytes:

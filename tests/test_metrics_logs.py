@@ -10,7 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 from scripts.processes import Stack, wait_until
-from tests.conftest import DIGIT, ModelServers, over_http, post_image
+from tests.conftest import DIGIT, ModelServers, answered_by, over_http, post_image
 
 IMAGES = 'serving_images_total{model="digits",version="1"}'
 
@@ -21,15 +21,6 @@ def metric(text: str, name: str) -> float:
         if line.startswith(name + " "):
             return float(line.rsplit(" ", 1)[1])
     raise AssertionError(f"{name} not in /metrics:\n{text}")
-
-
-def answered_by(stack: Stack) -> set[str]:
-    """The web worker processes that answered a POST /predict with 200, from the web log's fields."""
-    return {
-        line["process"]
-        for line in Stack.log_lines(stack.web_logs[0])
-        if line["message"] == "request" and line["path"] == "/predict" and line["status"] == 200
-    }
 
 
 def scrape(url: str) -> str:

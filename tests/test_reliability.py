@@ -10,6 +10,7 @@ the next one.
 from __future__ import annotations
 
 import json
+import os
 import pickle
 import signal
 import subprocess
@@ -20,13 +21,26 @@ from concurrent.futures import Future, ThreadPoolExecutor
 import numpy as np
 import pytest
 import redis
+import requests
 from flask import Flask
 
 import model_server
 from scripts.processes import REPO, stop, wait_until
 from serving import catalog, wire, zoo
 from settings import Settings
-from tests.conftest import DIGIT, DIGITS, ModelServers, assert_rejected, inflight, over_http, post_image, upload
+from tests.conftest import (
+    DIGIT,
+    DIGITS,
+    ModelServers,
+    answered_by,
+    assert_rejected,
+    frozen,
+    held,
+    inflight,
+    over_http,
+    post_image,
+    upload,
+)
 
 SLOW = wire.ModelKeys("slow", 1)  # slow_model_file's model: named after the file
 DIGIT_PATH = str(REPO / "samples" / "digit_3.png")
@@ -160,12 +174,61 @@ def test_redis_outage_answers_503_and_both_tiers_recover(make_stack):
     assert all(p.poll() is None for p in stack.processes)  # nothing was restarted
 
 
+def children(pid: int) -> list[int]:
+    """The process ids of a process' children (gunicorn's workers)."""
+    with open(f"/proc/{pid}/task/{pid}/children") as f:
+        return [int(c) for c in f.read().split()]
+
+
+def inbox_readers(r: redis.Redis) -> int:
+    """Connections whose last command was a web worker's blocking pop of its inbox."""
+    return sum(1 for client in r.client_list() if client["cmd"] == "blmpop")
+
+
+@pytest.mark.processes
+def test_a_web_worker_killed_holding_requests_loses_none_of_the_other_workers_answers(make_stack):
+    stack = make_stack(WEB_WORKERS="2", HEARTBEAT_TTL_S="60", NO_SERVER_GRACE_S="60")  # alive while frozen
+    model = stack.model_server()
+    url = stack.web_server()
+    r = stack.redis()
+    with frozen(model):  # every request stays held by the worker that accepted it
+        futures: list[Future] = []
+        # The kernel hands each connection to whichever worker accepts first: send until both hold some.
+        while len({job.reply_to for job in held(r, DIGITS)}) < 2:
+            assert len(futures) < 256, "one worker took every connection"
+            futures.extend(send_many_over_http(url, 16, concurrency=16))
+            wait_until(lambda: len(held(r, DIGITS)) == len(futures), 30, "every request held")
+        jobs: dict[str, set[str]] = {}  # by the worker waiting for them
+        for job in held(r, DIGITS):
+            jobs.setdefault(job.reply_to, set()).add(job.request_id)
+        os.kill(children(stack.processes[-1].pid)[0], signal.SIGKILL)  # one of the two, whichever
+        # Until Redis has dropped the dead worker's blocked reader, it may still pop answers onto its closed socket.
+        wait_until(lambda: inbox_readers(r) == 1, 10, "the dead worker's reader gone")
+    outcomes = [f.exception(timeout=60) or f.result() for f in futures]
+    answered = [each for each in outcomes if isinstance(each, requests.Response)]
+    failed = [each for each in outcomes if not isinstance(each, requests.Response)]
+    wait_until(lambda: held(r, DIGITS) == [], 30, "every job answered")
+
+    (dead,) = [worker for worker in jobs if r.exists(DIGITS.inbox(worker))]  # its answers wait for nobody
+    (alive,) = set(jobs) - {dead}
+    assert [response.status_code for response in answered] == [200] * len(answered)
+    assert {response.headers["X-Request-ID"] for response in answered} == jobs[alive]  # every one, each its own
+    assert all(response.json()["predictions"][0]["label"] == "3" for response in answered)
+    assert len(failed) == len(jobs[dead]) and all(isinstance(e, requests.ConnectionError) for e in failed)
+    left = [wire.Result.decode(raw).request_id for raw in r.lrange(DIGITS.inbox(dead), 0, -1)]
+    assert sorted(left) == sorted(jobs[dead]) and 0 < r.pttl(DIGITS.inbox(dead)) <= Settings().result_ttl_s * 1000
+    # gunicorn replaces the dead worker, and the replacement serves (once it has, a SIGTERM finds no worker
+    # still booting: one would hold gunicorn's exit until it is killed).
+    while len(answered_by(stack)) < 2:  # the survivor, and the replacement (the dead one answered nothing)
+        assert len(answered) < 400, "the replacement worker never answered"
+        answered.append(post_image(url, DIGIT))
+        assert answered[-1].status_code == 200
+
+
 def rss_mb(pid: int) -> float:
     """Resident memory of a process and its children (gunicorn's workers), in MB."""
-    with open(f"/proc/{pid}/task/{pid}/children") as f:
-        children = [int(c) for c in f.read().split()]
     total = 0.0
-    for each in (pid, *children):
+    for each in (pid, *children(pid)):
         with open(f"/proc/{each}/status") as f:
             total += next(int(line.split()[1]) for line in f if line.startswith("VmRSS:")) / 1024
     return total

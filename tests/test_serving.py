@@ -11,7 +11,7 @@ from werkzeug.test import TestResponse
 
 from scripts.processes import Stack, start_python
 from serving import zoo
-from tests.conftest import assert_rejected, in_parallel, png, upload
+from tests.conftest import assert_rejected, in_parallel, png, probabilities, upload
 
 
 @pytest.fixture(scope="module")
@@ -25,10 +25,7 @@ def distribution(response: TestResponse) -> np.ndarray:
     assert response.status_code == 200, response.text
     body = response.json
     assert body["success"] is True and body["model"] == "digits"
-    probabilities = np.zeros(10)
-    for prediction in body["predictions"]:
-        probabilities[int(prediction["label"])] = prediction["probability"]
-    return probabilities
+    return probabilities(body)
 
 
 def test_held_out_digits_get_the_in_process_answer(served, make_app, holdout, reference):
