@@ -31,8 +31,8 @@ class Batch:
     size: int = 0  # the allowed size predict ran at (len(jobs) padded up); 0 without a predict
     probabilities: np.ndarray | None = None  # one row per job
     failure: str = ""  # why predict failed, if it did
-    # Where the time went: taking from Redis, decoding, predict, building and sending the answers.
     ran_dry: bool = False  # the queue was empty before the batch was full: nothing else waits to be taken
+    # Where the time went: taking from Redis, decoding, predict, building and sending the answers.
     take_seconds: float = 0.0
     decode_seconds: float = 0.0
     model_seconds: float = 0.0
