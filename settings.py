@@ -25,49 +25,49 @@ def _setting(default: object, minimum: float | None = None) -> dataclasses.Field
 @dataclass(frozen=True)
 class Settings:
     # Where the queue lives; a password in the URL is used.
-    redis_url: str = "redis://localhost:6379/0"
+    redis_url: str = "redis://localhost:6379/0"  # REDIS_URL
 
     # The model server's model: a zoo name (resnet50, mobilenet_v2, efficientnet_b0, digits) or a
     # .keras/.h5 path, served as MODEL_NAME version MODEL_VERSION (the name defaults from MODEL).
-    model: str = "resnet50"
-    model_weights: str = "imagenet"
-    labels: str = ""
-    preprocess: str = ""
-    model_name: str = ""
-    model_version: int = _setting(1, minimum=1)
+    model: str = "resnet50"  # MODEL
+    model_weights: str = "imagenet"  # MODEL_WEIGHTS
+    labels: str = ""  # LABELS
+    preprocess: str = ""  # PREPROCESS
+    model_name: str = ""  # MODEL_NAME
+    model_version: int = _setting(1, minimum=1)  # MODEL_VERSION
     # The web tier's model for requests that name none; unset, the only one served.
-    default_model: str = ""
+    default_model: str = ""  # DEFAULT_MODEL
 
     # Batching: see the README's tuning guide for how these defaults were measured.
-    batch_size: int = _setting(32, minimum=1)
-    batch_wait_ms: int = _setting(0, minimum=0)
+    batch_size: int = _setting(32, minimum=1)  # BATCH_SIZE
+    batch_wait_ms: int = _setting(0, minimum=0)  # BATCH_WAIT_MS
 
-    request_timeout_s: float = _setting(30.0, minimum=0.001)
+    request_timeout_s: float = _setting(30.0, minimum=0.001)  # REQUEST_TIMEOUT_S
     # A memory cap, not the admission rule: requests are refused by their predicted wait first
     # (serving.admission). 10,000 jobs of 224x224x3 are about 2 GB of Redis (200 KB of JSON each);
     # the deadline stops ResNet50 on a CPU at a few hundred, so only fast models ever reach the cap,
     # and then with seconds of work queued (the README's tuning guide has the figures).
-    queue_limit: int = _setting(10_000, minimum=1)
-    top_k: int = _setting(5, minimum=1)
-    max_upload_mb: float = _setting(16.0, minimum=0.001)
+    queue_limit: int = _setting(10_000, minimum=1)  # QUEUE_LIMIT
+    top_k: int = _setting(5, minimum=1)  # TOP_K
+    max_upload_mb: float = _setting(16.0, minimum=0.001)  # MAX_UPLOAD_MB
 
-    port: int = _setting(5000, minimum=1)
-    web_workers: int = _setting(2, minimum=1)
+    port: int = _setting(5000, minimum=1)  # PORT
+    web_workers: int = _setting(2, minimum=1)  # WEB_WORKERS
 
     # Comma-separated bearer keys; empty means the API is open.
-    api_keys: frozenset[str] = frozenset()
+    api_keys: frozenset[str] = frozenset()  # API_KEYS
 
     # A model server beats every HEARTBEAT_S; one silent for HEARTBEAT_TTL_S is dead and its jobs are
     # requeued by the live ones. The TTL spans several beats so one slow beat does not kill a server.
-    heartbeat_s: float = _setting(1.0, minimum=0.001)
-    heartbeat_ttl_s: float = _setting(5.0, minimum=0.001)
+    heartbeat_s: float = _setting(1.0, minimum=0.001)  # HEARTBEAT_S
+    heartbeat_ttl_s: float = _setting(5.0, minimum=0.001)  # HEARTBEAT_TTL_S
     # With no model server alive for this long, requests are refused with 503 instead of queued.
-    no_server_grace_s: float = _setting(15.0, minimum=0.001)
+    no_server_grace_s: float = _setting(15.0, minimum=0.001)  # NO_SERVER_GRACE_S
     # An answer nobody picked up (its web worker died) is gone from Redis after this.
-    result_ttl_s: float = _setting(60.0, minimum=1)
+    result_ttl_s: float = _setting(60.0, minimum=1)  # RESULT_TTL_S
 
-    log_level: str = "INFO"
-    log_format: str = "text"
+    log_level: str = "INFO"  # LOG_LEVEL
+    log_format: str = "text"  # LOG_FORMAT
 
     def __post_init__(self) -> None:
         if not self.model_name:  # frozen: the derived default is set the one way a dataclass allows
