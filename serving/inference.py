@@ -87,8 +87,8 @@ class InferenceClient:
     def _admission(self, model: ModelState, count: int, deadline: float) -> tuple[Estimate, Limit]:
         """The model tier's estimate and the depth `count` images may join; TimedOut if no depth is short enough."""
         remaining = deadline - self.clock.now()
-        if remaining <= 0:
-            raise TimedOut()
+        if remaining <= 0:  # reading and decoding the request used up its deadline
+            raise TimedOut("the request's deadline passed before its images could be queued")
         if not admission.feasible(model.speeds, count, remaining):  # waiting would not help: no "retry later"
             metrics.refused(model.keys, "deadline")
             needs = Estimate(model.speeds).wait_s(count)
