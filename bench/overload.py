@@ -81,6 +81,9 @@ def point(run: dict, capacity: float) -> dict:
         "p99_ms": run["latency_ms"]["p99"],
         "p99_503_ms": by_status.get("503", {}).get("p99"),
         "p99_200_ms": by_status.get("200", {}).get("p99"),
+        # The load generator shares the machine: at 100% of its core it sends late and offers less than asked.
+        "client_cpu_percent": run.get("client_cpu_percent"),
+        "send_lag_p99_ms": run.get("schedule_lag_ms", {}).get("p99"),
     }
 
 
@@ -176,8 +179,8 @@ def report(results: dict) -> str:
             f"**{name}**: capacity {r['capacity_rps']:.1f} req/s closed loop ({CAPACITY_CLIENTS[name]} clients).",
             "",
             "| offered | req/s | requests | goodput | 200 | 503 | 504 | other | p99 ms | p99 of 503 ms "
-            "| refused (wait / queue_limit) | late / finished late / expired |",
-            "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+            "| refused (wait / queue_limit) | late / finished late / expired | load generator CPU, send lag p99 |",
+            "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
         ]
         for level, p in r["points"].items():
             s = p["shares"]
@@ -185,7 +188,7 @@ def report(results: dict) -> str:
             lines.append(
                 f"| {float(level):g}x | {p['offered_rps']:.1f} | {p['requests']} | {p['goodput']:.0%} "
                 f"| {s['200']:.1%} | {s['503']:.1%} | {s['504']:.1%} | {s['other']:.1%} | {p['p99_ms']:.0f} | {p503} "
-                f"| {counted(p['metrics'], REFUSALS)} | {counted(p['metrics'], DROPS)} |"
+                f"| {counted(p['metrics'], REFUSALS)} | {counted(p['metrics'], DROPS)} | {generator(p)} |"
             )
         b, a, d = r["light_before"], r["light_after"], r["light_after_deadline"]
         lines += [
@@ -206,6 +209,14 @@ def report(results: dict) -> str:
             "",
         ]
     return "\n".join(lines)
+
+
+def generator(p: dict) -> str:
+    """How hard the load generator worked, e.g. "97%, 412 ms": near 100% it could not send on schedule."""
+    if p.get("client_cpu_percent") is None:
+        return "-"
+    lag = "-" if p["send_lag_p99_ms"] is None else f"{p['send_lag_p99_ms']:.0f} ms"
+    return f"{p['client_cpu_percent']:.0f}%, {lag}"
 
 
 def light_line(p: dict) -> str:
