@@ -165,10 +165,14 @@ class ModelServer:
     def _take_batch(self, slot: int) -> Batch | None:
         """Take and decode one batch into `slot`, answering at once what cannot be computed in time;
         None when no job came within block_s."""
-        started = time.perf_counter()
         raw = self.queue.take(slot, 1, 0.0, self.block_s)  # the oldest job first: it sets the batch's size
         if not raw:
             return None
+        # A batch's own time starts with its first job; it is what the published speed is made of. Waiting
+        # for a job is idle time, and jobs dropped before one joins (expired in the queue after an overload)
+        # are no batch's work: counted, one batch after an overload "took" 16 s, and admission by that
+        # speed then refused every request, so that no batch ever measured the server fast again.
+        started = time.perf_counter()
         batch = Batch(slot)
         now = self.clock.now()
         intake = Intake(batch, self.rows[slot], self.meter, now, now + max(0.0, self._busy_until - time.monotonic()))
@@ -177,7 +181,10 @@ class ModelServer:
             decode_started = time.perf_counter()
             for message in raw:
                 intake.admit(message)
-            batch.decode_seconds += time.perf_counter() - decode_started
+            if batch.jobs:
+                batch.decode_seconds += time.perf_counter() - decode_started
+            else:
+                started = time.perf_counter()
             ran_dry, asked = len(raw) < asked, intake.wanted()
             if asked <= 0 or ran_dry:
                 break
@@ -185,9 +192,9 @@ class ModelServer:
             if batch.jobs:  # the window opens once, when the batch's size is known
                 window_s = 0.0
         batch.ran_dry = intake.wanted() > 0
+        batch.take_seconds = time.perf_counter() - started - batch.decode_seconds
         if batch.rejections or intake.rejected:  # answered now, not after the predict ahead of this batch
             self.queue.answer(slot, batch.rejections, self.settings.result_ttl_s, taken=intake.rejected)
-        batch.take_seconds = time.perf_counter() - started - batch.decode_seconds
         return batch
 
     def _predict_loop(self) -> None:

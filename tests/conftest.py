@@ -86,7 +86,7 @@ class ModelServers:
         self.batches_of: dict[str, list[Batch]] = {}  # by server id
         self._running: list[tuple[ModelServer, threading.Thread]] = []
 
-    def start(self, servable: zoo.Servable, **changes: object) -> ModelServer:
+    def start(self, servable: zoo.Servable, block_s: float = TEST_BLOCK_S, **changes: object) -> ModelServer:
         """One more server of `servable`, with settings changed as given; back once it takes jobs."""
         r = connections.connect(self.redis_url, socket_timeout=10)
         settings = self.settings.replace(**changes)
@@ -97,7 +97,7 @@ class ModelServers:
             self.batches.append(batch)
             own.append(batch)
 
-        server = ModelServer(servable, r, settings, server_id, on_batch=record, block_s=TEST_BLOCK_S)
+        server = ModelServer(servable, r, settings, server_id, on_batch=record, block_s=block_s)
         thread = threading.Thread(target=server.run, name=f"model server {server_id}", daemon=True)
         thread.start()
         assert server.started.wait(30), "the model server did not start"

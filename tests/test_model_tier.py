@@ -262,6 +262,29 @@ def test_each_server_publishes_its_measured_speed_and_updates_it_from_live_batch
     assert server.meter.predict_seconds(4) < 1.0  # a moving average, not the last batch alone
 
 
+def test_a_batchs_measured_time_counts_neither_the_wait_for_a_job_nor_the_jobs_dropped_before_it(r, model_servers):
+    """After an overload the queue can hold thousands of expired jobs. Their flush, or the idle wait for a
+    job, published as a batch's own time made admission refuse every request, with no batch left to
+    measure the server fast again."""
+    servable = timed()
+    server = model_servers.start(servable, batch_size=4, block_s=3.0)
+    time.sleep(1.0)  # the server waits for a job inside one blocking take
+    submit(r, servable, 1, prefix="after-idle")
+    wait_answered(r, servable, 1)
+    (idle,) = model_servers.batches
+    assert idle.take_seconds + idle.decode_seconds < 0.5
+
+    started = time.monotonic()
+    submit(r, servable, 2000, deadline_s=-1.0, prefix="expired")  # dropped at take, one at a time
+    submit(r, servable, 1, prefix="behind")
+    wait_answered(r, servable, 2)
+    flush_s = time.monotonic() - started
+    behind = model_servers.batches[-1]
+    assert behind.request_ids == ["behind0"] and model_servers.counted("expired") == 2000
+    assert behind.take_seconds + behind.decode_seconds < 0.05 * flush_s
+    assert server.meter.extra_seconds < 0.05 * flush_s  # the published speed stays the server's own
+
+
 # What cannot be computed: answered when it can be, dropped when not, counted either way.
 
 
