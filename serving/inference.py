@@ -51,14 +51,17 @@ class InferenceClient:
         """Raise Refused or TimedOut when what this worker knows already shows that `count` images cannot be
         answered by `deadline`; costs no round trip, so a refusal is cheap.
 
-        The queue is taken as what this worker last saw minus what the model tier has answered since at
-        its measured rate: other workers' arrivals only add to it, so this refuses nothing the queue
-        itself would accept. Without a published speed there is no such guess, and nothing is refused here.
+        The queue is taken as what this worker last saw (for at most REFRESH_S, then the registry's read)
+        minus what the model tier has answered since at its measured rate: other workers' arrivals only
+        add to it, so this refuses nothing the queue itself would accept. Without a published speed there
+        is no such guess, and nothing is refused here.
         """
         estimate, limit = self._admission(model, count, deadline)
         if not estimate.known:
             return
-        depth, seen_at = self._seen.get(model.keys, (model.queued, time.monotonic() - REFRESH_S))
+        depth, seen_at = self._seen.get(model.keys, (0, -math.inf))
+        if time.monotonic() - seen_at > REFRESH_S:  # the registry's read (at most REFRESH_S old) is fresher
+            depth, seen_at = model.queued, time.monotonic() - REFRESH_S
         queued = max(0, depth - estimate.drained(time.monotonic() - seen_at))
         if queued + count > limit.depth:
             raise self._refusal(model, estimate, limit, queued, count)

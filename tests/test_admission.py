@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import pathlib
 import re
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -19,6 +20,7 @@ import pytest
 from scripts.processes import wait_until
 from serving import admission, queue, registry, wire
 from serving.admission import Estimate, batch_time
+from serving.catalog import REFRESH_S
 from serving.inference import Refused
 from tests.conftest import upload
 
@@ -144,6 +146,21 @@ def test_once_a_worker_saw_the_queue_full_it_refuses_before_decoding(r, make_app
 
     assert response.status_code == 503 and response.json["error"]["code"] == "overloaded"
     assert r.llen(KEYS.queue) == ALLOWED
+
+
+def test_what_a_worker_saw_of_the_queue_counts_until_the_registry_is_read_again(r, make_app):
+    """A worker that refuses on its own view sends nothing to Redis, so that view must not outlive a
+    registry read: a queue drained faster than the estimate says is then seen at once."""
+    announce(r, wire.Speed(batch_size=1, batch_seconds={1: 2.0}))  # the queue may hold 3; nothing drains in 1.5 s
+    client = make_app(request_timeout_s=TIMEOUT_S).test_client()
+    assert client.get("/models").status_code == 200  # the worker reads the registry: an empty queue
+    fill(r, 3)
+    assert upload(client, DIGIT).status_code == 503  # refused by the queue itself: this worker now knows
+    r.delete(KEYS.queue)  # drained by means this worker did not see
+
+    assert upload(client, b"this is not an image").status_code == 503  # its own view, no decoding spent
+    time.sleep(1.5 * REFRESH_S)
+    assert upload(client, b"this is not an image").status_code == 400  # the registry's empty queue
 
 
 def test_retry_after_is_the_time_until_the_queue_has_drained_enough(r, make_app):
