@@ -370,7 +370,6 @@ class Recorder:
     warm_up_error_codes: Counter = field(default_factory=Counter)  # the same for the warm-up's requests
     # when each request finished, warm-up ones too: the rate while sending counts every answer in its time
     finishes: list[float] = field(default_factory=list)
-    ok_finishes: list[float] = field(default_factory=list)  # the same, of the 200s alone
     sending_until: float | None = None  # when the last request was sent (or due)
     duration: float = 0.0  # after the warm-up, once finish() was called
     cpu_percent: float = 0.0  # of the whole run, warm-up included
@@ -383,8 +382,6 @@ class Recorder:
         """Record a request that was sent (or due) at `sent`, its outcome and, for an error answer, its code."""
         now = time.perf_counter()
         self.finishes.append(now)
-        if outcome == "200":
-            self.ok_finishes.append(now)
         if sent < self.measured_from:
             if outcome != "200":  # not measured, but never hidden: a connect storm's failures show here
                 self.warm_up_error_codes[f"{outcome} {code}" if code else outcome] += 1
@@ -402,15 +399,22 @@ class Recorder:
         self.duration = now - self.measured_from
         self.cpu_percent = 100.0 * (time.process_time() - self.start_cpu) / (now - self.start)
 
-    def rate_while_sending(self, ok_only: bool = False) -> float | None:
-        """Requests (or 200s) finished a second between the warm-up and the last send: the steady rate,
-        unlike throughput over the whole run, whose drain at the end is a closed loop's last few clients,
-        or in open loop the wait for the client-side timeouts of requests the server never saw."""
+    def rate_while_sending(self) -> float | None:
+        """Requests finished a second between the warm-up and the last send: the steady rate of a closed
+        loop, unlike throughput over the whole run, which includes the drain at the end."""
         until = self.sending_until
         if until is None or until <= self.measured_from:
             return None
-        finished = sum(1 for t in (self.ok_finishes if ok_only else self.finishes) if self.measured_from <= t <= until)
+        finished = sum(1 for t in self.finishes if self.measured_from <= t <= until)
         return finished / (until - self.measured_from)
+
+    def goodput(self) -> float | None:
+        """200s a second from the warm-up's end to the last 200: how fast the server gave good answers while
+        it gave them. Over the whole run, an open loop past the server's pace would add a tail of
+        client-side timeouts, while the server idles; counted while sending only, a slow model would
+        lose the answers it gives in the drain to what it admitted last."""
+        last = max((sent + latency for sent, latency, outcome in self.records if outcome == "200"), default=0.0)
+        return self.ok / last if last > 0 else None
 
     def window(self) -> dict[str, float]:
         """The measured part as Unix times: from the warm-up's end, to the last send and the last answer."""
@@ -644,7 +648,7 @@ def summarize(rec: Recorder, settings: dict[str, Any]) -> dict[str, Any]:
         # closed loop at high concurrency: the drain at the end (fewer and fewer clients left) lowers
         # throughput_rps, but not this
         "throughput_while_sending_rps": None if steady is None else round(steady, 2),
-        "ok_while_sending_rps": None if steady is None else round(rec.rate_while_sending(ok_only=True), 2),
+        "goodput_rps": None if (good := rec.goodput()) is None else round(good, 2),
         "window": rec.window(),  # Unix times, to find the server's own records of the same requests
         "latency_ms": latency_stats(rec.answered),
         # e.g. how fast refusals (503) come, beside the answers (200): the overload benchmark reads this

@@ -2,7 +2,7 @@
 
 For each model, in one stack: its capacity measured closed loop, a light closed-loop run, then open
 loop (stress_test.py --rate) from 0.5x to 10x that capacity, each for --duration seconds of
-arrivals: goodput (200s a second while sending, over the capacity), the shares of 200, 503 and 504, the p99 of
+arrivals: goodput (200s a second until the last 200, over the capacity), the shares of 200, 503 and 504, the p99 of
 every answer and of the 503s, and the refusals by reason from /metrics; then the light run again,
 to show normal service right after. For digits, also a burst of 5,000 clients at once against a
 default stack, compared with what its measured rate and deadline allow. The model server runs at
@@ -64,9 +64,8 @@ def delta(before: dict[str, float], after: dict[str, float]) -> dict[str, float]
 
 
 def steady_ok_rps(run: dict) -> float:
-    """200s a second while the run was sending; over the whole run when it sent all at once (a burst)."""
-    steady = run.get("ok_while_sending_rps")
-    return run["ok"] / run["duration_s"] if not steady else steady
+    """200s a second until the last 200 (stress_test.py's goodput_rps); 0 when none came."""
+    return run["goodput_rps"] or 0.0
 
 
 def point(run: dict, capacity: float) -> dict:
@@ -76,9 +75,8 @@ def point(run: dict, capacity: float) -> dict:
     shares = {code: statuses.get(code, 0) / n for code in ("200", "503", "504")}
     shares["other"] = 1 - sum(shares.values())  # other statuses, and no answer at all (e.g. "timeout")
     by_status = run.get("latency_ms_by_status", {})
-    # Goodput is the steady rate of 200s while the load is offered. The run's whole duration would add its
-    # drain: in open loop that is mostly the wait for the client-side timeouts of requests that never
-    # reached the server, while the server idles.
+    # Over the run's whole duration, the open loop past the web tier's pace adds a drain of client-side
+    # timeouts while the server idles; goodput_rps ends at the last 200 instead.
     ok_rps = steady_ok_rps(run)
     return {
         "requests": n,
@@ -181,7 +179,7 @@ def report(results: dict) -> str:
     lines = [
         f"Measured {results['when']} on {results['machine']} with `{results['command']}`; REQUEST_TIMEOUT_S="
         f"{TIMEOUT_S}, everything else default; the model server at nice {results['model_nice']}. Shares are of "
-        "every request sent; goodput is 200s a second while the load was offered (its drain left out) over "
+        "every request sent; goodput is 200s a second, from the first request to the last 200, over "
         "the capacity measured closed loop just before, in the same stack.",
         "",
     ]
