@@ -2,12 +2,12 @@
 
 For each model, in one stack: its capacity measured closed loop, a light closed-loop run, then open
 loop (stress_test.py --rate) from 0.5x to 10x that capacity, each for --duration seconds of
-arrivals: goodput (200s a second until the last 200, over the capacity), the shares of 200, 503 and 504, the p99 of
-every answer and of the 503s, and the refusals by reason from /metrics; then the light run again,
-to show normal service right after. For digits, also a burst of 5,000 clients at once against a
-default stack, compared with what its measured rate and deadline allow. The model server runs at
-nice 10 (--model-nice): both tiers share this machine's two cores, and so a refusal does not wait
-behind TensorFlow's threads, as on hosts of their own.
+arrivals: goodput (200s a second until the last 200, over the capacity), the shares of 200, 503
+and 504, the p99 of every answer and of the 503s, and the refusals by reason from /metrics; then
+the light run again, to show normal service right after. For digits, also a burst of 5,000
+clients at once against a default stack, compared with what its measured rate and deadline allow.
+The model server runs at nice 10 (--model-nice): both tiers share this machine's two cores, and so
+a refusal does not wait behind TensorFlow's threads, as on hosts of their own.
 Writes bench/results/overload.{json,md,png}.
 
     .venv/bin/python -m bench.overload [--models resnet50 digits] [--duration 20] [--levels 0.5 1 3 10]
@@ -63,7 +63,7 @@ def delta(before: dict[str, float], after: dict[str, float]) -> dict[str, float]
     return {key: after[key] - before.get(key, 0.0) for key in sorted(after) if after[key] != before.get(key, 0.0)}
 
 
-def steady_ok_rps(run: dict) -> float:
+def goodput_rps(run: dict) -> float:
     """200s a second until the last 200 (stress_test.py's goodput_rps); 0 when none came."""
     return run["goodput_rps"] or 0.0
 
@@ -77,7 +77,7 @@ def point(run: dict, capacity: float) -> dict:
     by_status = run.get("latency_ms_by_status", {})
     # Over the run's whole duration, the open loop past the web tier's pace adds a drain of client-side
     # timeouts while the server idles; goodput_rps ends at the last 200 instead.
-    ok_rps = steady_ok_rps(run)
+    ok_rps = goodput_rps(run)
     return {
         "requests": n,
         "ok_rps": ok_rps,
@@ -131,7 +131,7 @@ def measure_capacity(url: str, image: pathlib.Path, clients: int) -> float:
     """200s a second, closed loop, after a warm-up at the same load (a new stack gets faster for seconds)."""
     stress(url, image, "--duration", str(WARM_UP_S), "--concurrency", str(clients))
     closed = stress(url, image, "--duration", str(CAPACITY_S), "--concurrency", str(clients))
-    return steady_ok_rps(closed)
+    return goodput_rps(closed)
 
 
 def open_loop(rate: float, duration: float, connections: int = CONNECTIONS) -> list[str]:
