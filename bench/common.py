@@ -67,10 +67,10 @@ def photo() -> pathlib.Path:
     return path
 
 
-def stress(url: str, image: pathlib.Path, *args: str) -> dict:
-    """One stress_test.py run against url/predict; its JSON summary."""
+def stress(url: str, image: pathlib.Path, *args: str, path: str = "/predict") -> dict:
+    """One stress_test.py run against url + path; its JSON summary."""
     out = WORK / "stress.json"
-    command = [sys.executable, str(REPO / "stress_test.py"), "--url", f"{url}/predict", "--image", str(image)]
+    command = [sys.executable, str(REPO / "stress_test.py"), "--url", f"{url}{path}", "--image", str(image)]
     subprocess.run([*command, "--json", str(out), *args], check=False, stdout=subprocess.DEVNULL)
     return json.loads(out.read_text())
 

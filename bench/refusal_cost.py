@@ -1,0 +1,116 @@
+"""What a refusal costs the web tier against an answer, and the bound that sets on goodput under overload.
+
+Closed loop, 128 clients posting the digits PNG, the web workers' CPU per request measured from /proc:
+- a 200 from the web tier as deployed (MODEL=digits, everything else default);
+- a refusal through the app: `timeout_ms=1`, parsed and answered 504 before any decoding or queueing;
+- a canned 503 from gunicorn's gevent worker (ours) with no Flask behind it: the least a refusal costs
+  in a Python web worker.
+A web tier whose CPU is the bottleneck, refusing at a share r of an answer's cost, keeps g = (1 - k r)
+/ (1 - r) of its capacity at k times it: what it serves and refuses add up to its CPU, g + r (k - g) = 1.
+Writes bench/results/refusal_cost.md.
+
+    .venv/bin/python -m bench.refusal_cost [--duration 15]
+"""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+import time
+
+from bench.common import RESULTS, command_line, model_spec, our_stack, stress
+from bench.model_tier import cpu_seconds
+from scripts.processes import REPO, free_port, stop, wait_until
+
+CLIENTS = 128
+WARM_UP_S = 5.0
+CANNED = b'{"success": false, "error": {"code": "overloaded", "message": "overloaded; retry after 1 s"}}'
+
+
+def app(environ: dict, start_response) -> list[bytes]:  # noqa: ANN001 (WSGI's signature)
+    """The canned refusal: nothing read, nothing parsed beyond what gunicorn does itself."""
+    start_response("503 SERVICE UNAVAILABLE", [("Content-Type", "application/json"), ("Retry-After", "1")])
+    return [CANNED]
+
+
+def cpu_per_request(web_pid: int, url: str, duration: float, path: str = "/predict") -> dict:
+    """One closed-loop run after a warm-up: its statuses and the web workers' CPU milliseconds per request."""
+    image = model_spec("digits").image
+    stress(url, image, "--duration", str(WARM_UP_S), "--concurrency", str(CLIENTS), path=path)
+    before = cpu_seconds(web_pid)
+    run = stress(url, image, "--duration", str(duration), "--concurrency", str(CLIENTS), path=path)
+    cpu_ms = 1000 * (cpu_seconds(web_pid) - before) / run["requests"]
+    return {"statuses": run["status_counts"], "rps": run["throughput_rps"], "cpu_ms": cpu_ms}
+
+
+def measure(duration: float) -> dict[str, dict]:
+    stack, url = our_stack(model_spec("digits"))
+    try:
+        web = stack.processes[1].pid
+        runs = {
+            "200": cpu_per_request(web, url, duration),
+            "app": cpu_per_request(web, url, duration, "/predict?timeout_ms=1"),
+        }
+    finally:
+        stack.close()
+    port = free_port()
+    options = ["--worker-class", "serving.gunicorn_worker.Worker", "--workers", "2", "--worker-connections", "10000"]
+    bind = ["--keep-alive", "30", "--bind", f"127.0.0.1:{port}"]
+    canned = subprocess.Popen([sys.executable, "-m", "gunicorn", *options, *bind, "bench.refusal_cost:app"], cwd=REPO)
+    try:
+        wait_until(lambda: accepts(port), 30, "the canned server")
+        time.sleep(1)  # its workers booted
+        runs["canned"] = cpu_per_request(canned.pid, f"http://127.0.0.1:{port}", duration)
+    finally:
+        stop(canned)
+    return runs
+
+
+def accepts(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=1):
+            return True
+    except OSError:
+        return False
+
+
+NAMES = {
+    "200": "200 from the web tier",
+    "app": "refusal through the app (504, timeout_ms=1)",
+    "canned": "canned 503 from gunicorn's gevent worker, no Flask",
+}
+
+
+def kept(k: float, r: float) -> float:
+    """The share of its capacity a CPU-bound web tier keeps at k times it, refusing at r of an answer's cost."""
+    return max(0.0, (1 - k * r) / (1 - r)) if r < 1 else 0.0
+
+
+def report(runs: dict[str, dict]) -> str:
+    answer = runs["200"]["cpu_ms"]
+    lines = [
+        f"Measured {time.strftime('%Y-%m-%d')} with `python -m bench.refusal_cost`: {CLIENTS} clients closed loop, "
+        "the digits PNG, the web workers' CPU per request. Kept at kx: the share of its capacity a CPU-bound web "
+        "tier keeps at k times it, refusing at that cost.",
+        "",
+        "| request | statuses | req/s | web CPU per request | share of a 200's | kept at 3x | kept at 10x |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for key, run in runs.items():
+        r = run["cpu_ms"] / answer
+        at_3, at_10 = ("-", "-") if key == "200" else (f"{kept(3, r):.0%}", f"{kept(10, r):.0%}")
+        figures = f"{run['statuses']} | {run['rps']:.0f} | {run['cpu_ms']:.3f} ms | {r:.0%} | {at_3} | {at_10}"
+        lines.append(f"| {NAMES[key]} | {figures} |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    args = command_line(__doc__, ["digits"], 15.0, "closed-loop load").parse_args()
+    text = report(measure(args.duration))
+    (RESULTS / "refusal_cost.md").write_text(text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
