@@ -59,8 +59,7 @@ def measure(duration: float) -> dict[str, dict]:
     bind = ["--keep-alive", "30", "--bind", f"127.0.0.1:{port}"]
     canned = subprocess.Popen([sys.executable, "-m", "gunicorn", *options, *bind, "bench.refusal_cost:app"], cwd=REPO)
     try:
-        wait_until(lambda: accepts(port), 30, "the canned server")
-        time.sleep(1)  # its workers booted
+        wait_until(lambda: accepts(port), 30, "the canned server")  # the warm-up run covers its workers' boot
         runs["canned"] = cpu_per_request(canned.pid, f"http://127.0.0.1:{port}", duration)
     finally:
         stop(canned)
