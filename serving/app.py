@@ -6,15 +6,13 @@ server that preloads the app before forking workers must not be used (gunicorn's
 
 from __future__ import annotations
 
-import hmac
-import logging
 import time
 import uuid
 
 import redis
 from flask import Flask, Response, current_app, g, request
 
-from serving import connections, errors, logs, metrics, v2
+from serving import connections, errors, v2
 from serving.api import api
 from serving.catalog import Catalog
 from serving.clock import RedisClock
@@ -22,10 +20,9 @@ from serving.errors import ApiError
 from serving.inference import InferenceClient
 from serving.pages import pages
 from serving.results import Inbox
-from serving.webtier import WebTier
+from serving.shedding import Shedder
+from serving.webtier import WebTier, authorized, finished
 from settings import Settings
-
-log = logging.getLogger("web")
 
 
 def create_app(
@@ -51,6 +48,7 @@ def create_app(
     app.before_request(_start)
     app.before_request(_authorize)
     app.after_request(_finish)
+    app.wsgi_app = Shedder(app.wsgi_app, app.extensions["serving"])  # in front of Flask: see its docstring
     return app
 
 
@@ -63,28 +61,15 @@ def _authorize() -> None:
     """Every route needs a key when API_KEYS is set, unless it is marked @public."""
     keys = current_app.extensions["serving"].settings.api_keys
     view = current_app.view_functions.get(request.endpoint or "")
-    if not keys or view is None or getattr(view, "public", False):
+    if view is None or getattr(view, "public", False) or authorized(request.headers.get("Authorization"), keys):
         return
-    scheme, _, token = request.headers.get("Authorization", "").partition(" ")
-    given = token.strip().encode() if scheme.lower() == "bearer" else b""
-    if not any(hmac.compare_digest(given, key.encode()) for key in keys):
-        message = "send a valid API key as 'Authorization: Bearer <key>'"
-        raise ApiError(401, "unauthorized", message, {"WWW-Authenticate": "Bearer"})
+    message = "send a valid API key as 'Authorization: Bearer <key>'"
+    raise ApiError(401, "unauthorized", message, {"WWW-Authenticate": "Bearer"})
 
 
 def _finish(response: Response) -> Response:
     response.headers["X-Request-ID"] = g.request_id
-    elapsed = time.monotonic() - g.started
     route = request.url_rule.rule if request.url_rule else "other"
-    metrics.observe_request(route, response.status_code, elapsed, g.get("model"))
-    logs.event(
-        log,
-        "request",
-        request_id=g.request_id,
-        method=request.method,
-        path=request.path,
-        status=response.status_code,
-        ms=round(elapsed * 1000, 1),
-        model=g.model.member if g.get("model") else "",  # the model version chosen for it, as name:version
-    )
+    model = g.get("model")
+    finished(g.request_id, request.method, request.path, route, response.status_code, g.started, model)
     return response

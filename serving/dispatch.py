@@ -6,7 +6,6 @@ Each API renders an ApiError in its own shape (serving.errors), so the rules liv
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -61,8 +60,7 @@ def refusals_as_http(timeout_s: float) -> Iterator[None]:
     try:
         yield
     except Refused as exc:
-        headers = {"Retry-After": str(max(1, math.ceil(exc.retry_after_s)))}
-        raise ApiError(503, exc.reason, exc.message, headers) from None
+        raise ApiError(503, exc.reason, exc.message, {"Retry-After": exc.retry_after_header}) from None
     except TimedOut as exc:
         message = exc.message or f"no answer within {timeout_s:g} s; the server is busy, try again later"
         raise ApiError(504, "timeout", message) from None

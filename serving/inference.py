@@ -29,6 +29,11 @@ class Refused(Exception):
         super().__init__(message)
         self.reason, self.message, self.retry_after_s = reason, message, retry_after_s
 
+    @property
+    def retry_after_header(self) -> str:
+        """Retry-After's value: whole seconds, at least 1."""
+        return str(max(1, math.ceil(self.retry_after_s)))
+
 
 class TimedOut(Exception):
     """The deadline passed before every answer came, or `message` says why no answer could come in time."""
@@ -57,17 +62,36 @@ class InferenceClient:
         is no such guess, and nothing is refused here.
         """
         estimate, limit = self._admission(model, count, deadline)
-        if not estimate.known:
-            return
+        refusal = self._overloaded(model, estimate, limit, count)
+        if refusal:
+            raise refusal
+        if estimate.known:
+            # Counted as queued until its submit says what the queue really holds, so that the requests this
+            # worker lets through meanwhile do not all count on the same room.
+            self._seen[model.keys] = (self._queued(model, estimate) + count, time.monotonic())
+
+    def overloaded(self, model: ModelState, count: int, deadline: float) -> Refused | None:
+        """The refusal refuse_early would raise because the model is overloaded, counted but with nothing
+        recorded as queued (serving.shedding answers it before the request's body is read); None when it
+        would not refuse for that reason, also when the deadline alone decides."""
+        remaining = deadline - self.clock.now()
+        if remaining <= 0 or not admission.feasible(model.speeds, count, remaining):
+            return None
+        estimate, limit = self._limit(model, remaining)
+        return self._overloaded(model, estimate, limit, count)
+
+    def _overloaded(self, model: ModelState, estimate: Estimate, limit: Limit, count: int) -> Refused | None:
+        queued = self._queued(model, estimate)
+        if estimate.known and queued + count > limit.depth:
+            return self._refusal(model, estimate, limit, queued, count)
+        return None
+
+    def _queued(self, model: ModelState, estimate: Estimate) -> int:
+        """The model's queue as this worker knows it now: as last seen, less what has drained since."""
         depth, seen_at = self._seen.get(model.keys, (0, -math.inf))
         if time.monotonic() - seen_at > REFRESH_S:  # the registry's read (at most REFRESH_S old) is fresher
             depth, seen_at = model.queued, time.monotonic() - REFRESH_S
-        queued = max(0, depth - estimate.drained(time.monotonic() - seen_at))
-        if queued + count > limit.depth:
-            raise self._refusal(model, estimate, limit, queued, count)
-        # Counted as queued until its submit says what the queue really holds, so that the requests this
-        # worker lets through meanwhile do not all count on the same room.
-        self._seen[model.keys] = (queued + count, time.monotonic())
+        return max(0, depth - estimate.drained(time.monotonic() - seen_at))
 
     def infer(
         self, request_id: str, model: ModelState, images: list[np.ndarray], top_k: int | None, deadline: float
@@ -99,6 +123,9 @@ class InferenceClient:
                 f"{model.keys.name} needs about {needs * 1000:.0f} ms for {count} image(s) even when idle; "
                 f"this request's deadline leaves {remaining * 1000:.0f} ms"
             )
+        return self._limit(model, remaining)
+
+    def _limit(self, model: ModelState, remaining: float) -> tuple[Estimate, Limit]:
         estimate = Estimate(model.speeds, model.held)
         return estimate, admission.limit(estimate, remaining, self.queue_limit)
 

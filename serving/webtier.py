@@ -2,19 +2,25 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import hmac
+import logging
+import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TypeVar
 
 import redis
 from flask import current_app
 
+from serving import logs, metrics, wire
 from serving.catalog import Catalog
 from serving.clock import RedisClock
 from serving.inference import InferenceClient
 from settings import Settings
 
 View = TypeVar("View", bound=Callable)
+
+log = logging.getLogger("web")
 
 
 @dataclass
@@ -35,3 +41,30 @@ def public(view: View) -> View:
     """Mark a route as open without an API key; every other route needs one when API_KEYS is set."""
     view.public = True
     return view
+
+
+def authorized(header: str | None, keys: Sequence[str]) -> bool:
+    """Whether an Authorization header carries one of the API keys (any header does when there are none)."""
+    if not keys:
+        return True
+    scheme, _, token = (header or "").partition(" ")
+    given = token.strip().encode() if scheme.lower() == "bearer" else b""
+    return any(hmac.compare_digest(given, key.encode()) for key in keys)
+
+
+def finished(
+    request_id: str, method: str, path: str, route: str, status: int, started: float, model: wire.ModelKeys | None
+) -> None:
+    """A request answered: its metrics and its line in the request log; `started` on time.monotonic()."""
+    elapsed = time.monotonic() - started
+    metrics.observe_request(route, status, elapsed, model)
+    logs.event(
+        log,
+        "request",
+        request_id=request_id,
+        method=method,
+        path=path,
+        status=status,
+        ms=round(elapsed * 1000, 1),
+        model=model.member if model else "",  # the model version chosen for it, as name:version
+    )

@@ -9,9 +9,11 @@ HEADROOM (0.8) of 10.5 s is 8.4 s, so the queue may hold 7 images, the new reque
 from __future__ import annotations
 
 import base64
+import io
 import pathlib
 import re
 import time
+import uuid
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -252,3 +254,102 @@ def test_metrics_show_the_wait_estimate_of_each_model(r, make_app):
 
     # A new image behind 4 at one a second: 5 s of queue, then its own batch of a second.
     assert 'serving_wait_estimate_seconds{model="digits",version="1"} 6.0' in text.splitlines()
+
+
+# --- refused before the body is read (serving.shedding) ---------------------------------------------------
+
+
+def post_unread(client, path: str, headers: dict[str, str] | None = None):
+    """POST a multipart upload of DIGIT to `path`; the response, and how many bytes of the body were read."""
+    boundary = "b0undary"
+    part = f'--{boundary}\r\nContent-Disposition: form-data; name="image"; filename="d.png"\r\n\r\n'.encode()
+    body = io.BytesIO(part + DIGIT + f"\r\n--{boundary}--\r\n".encode())
+    response = client.post(
+        path,
+        input_stream=body,
+        content_length=len(body.getvalue()),
+        content_type=f"multipart/form-data; boundary={boundary}",
+        headers=headers,
+    )
+    return response, body.tell()
+
+
+# Queued beyond what the deadline allows by more than a worker's cached view may have drained since.
+OVERFULL = ALLOWED + 5
+
+
+def overloaded_app(r, make_app, **settings: object):
+    announce(r, ONE_A_SECOND)
+    fill(r, OVERFULL)
+    return make_app(request_timeout_s=TIMEOUT_S, **settings)
+
+
+def requests_counted(client, route: str, status: int) -> float:
+    text = client.get("/metrics").text
+    found = re.search(rf'^serving_requests_total{{route="{re.escape(route)}",status="{status}"}} (\S+)$', text, re.M)
+    return float(found.group(1)) if found else 0.0
+
+
+@pytest.mark.parametrize(
+    ("path", "route"),
+    [
+        ("/predict", "/predict"),
+        ("/v2/models/digits/infer", "/v2/models/<name>/infer"),
+        ("/v2/models/digits/versions/1/infer", "/v2/models/<name>/versions/<version>/infer"),
+    ],
+)
+def test_an_overloaded_models_request_is_refused_from_its_url_and_headers_alone(r, make_app, path, route):
+    client = overloaded_app(r, make_app).test_client()
+    before = refusals(client, "wait"), requests_counted(client, route, 503)
+
+    response, reads = post_unread(client, path)
+
+    assert (response.status_code, reads) == (503, 0)
+    error = response.json["error"]
+    message = error if path.startswith("/v2") else error["message"]  # each protocol's error shape
+    assert re.match(r"digits is overloaded: 1[01] images are queued ahead and 0 in the model servers' hands", message)
+    if not path.startswith("/v2"):
+        assert response.json["success"] is False and error["code"] == "overloaded"
+    assert response.headers["Retry-After"] in ("4", "5") and response.mimetype == "application/json"
+    assert uuid.UUID(response.headers["X-Request-ID"]).version == 4
+    assert (refusals(client, "wait"), requests_counted(client, route, 503)) == (before[0] + 1, before[1] + 1)
+    assert r.llen(KEYS.queue) == OVERFULL
+
+
+def test_a_shorter_deadline_in_the_header_refuses_alike_and_a_bad_one_is_the_apps_400(r, make_app):
+    client = overloaded_app(r, make_app).test_client()
+
+    shorter, reads = post_unread(client, "/predict", {"X-Request-Timeout-Ms": "9000"})
+    bad, _ = post_unread(client, "/predict", {"X-Request-Timeout-Ms": "soon"})
+
+    assert (shorter.status_code, reads) == (503, 0)
+    assert bad.status_code == 400 and "X-Request-Timeout-Ms" in bad.json["error"]["message"]
+
+
+def test_without_a_valid_api_key_the_refusal_is_the_apps_401(r, make_app):
+    client = overloaded_app(r, make_app, api_keys=("k1",)).test_client()
+
+    anonymous, _ = post_unread(client, "/predict")
+    keyed, reads = post_unread(client, "/predict", {"Authorization": "Bearer k1"})
+
+    assert anonymous.status_code == 401
+    assert (keyed.status_code, reads) == (503, 0)
+
+
+def test_what_only_the_body_decides_is_left_to_the_app(r, make_app):
+    """With two models the body may name the one that has room: its request is read, queued, and (no
+    server computing it here) times out by the deadline its body asks for."""
+    client = overloaded_app(r, make_app).test_client()
+    colours = wire.ModelInfo("colours", 1, 4, 4, 3, ("red", "green"))
+    seconds, _ = r.time()
+    registry.Registration(r, colours, "colours-server").beat(float(seconds), ttl_s=120, grace_s=120, speed=None)
+    time.sleep(1.5 * REFRESH_S)  # the worker's catalog now holds both models
+
+    elsewhere = upload(client, DIGIT, model="colours", timeout_ms="200")
+    here = upload(client, DIGIT, model="digits")
+    image = {"name": "image", "datatype": "BYTES", "shape": [1], "data": ["x"]}
+    unknown = client.post("/v2/models/nothing/infer", json={"inputs": [image]})
+
+    assert elsewhere.status_code == 504 and elsewhere.json["error"]["code"] == "timeout"
+    assert here.status_code == 503 and here.json["error"]["code"] == "overloaded"  # through the app
+    assert unknown.status_code == 404 and "no model named 'nothing'" in unknown.json["error"]
