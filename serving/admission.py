@@ -51,6 +51,8 @@ class Estimate:
         self.known = bool(self.speeds)
         # Images a second of the whole model tier, each server running full batches.
         self.rate = sum(s.batch_size / batch_time(s, s.batch_size) for s in self.speeds)
+        # The queue drains in steps, not smoothly: each server takes a full batch at once.
+        self.step = sum(s.batch_size for s in self.speeds)
 
     def wait_s(self, images: int) -> float:
         """Seconds until the last of `images` queued images (the queue ahead and a request's own) is answered.

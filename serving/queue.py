@@ -61,6 +61,11 @@ def submit(r: redis.Redis, keys: wire.ModelKeys, jobs: list[wire.Job], limit: in
     return {-2: Submitted.NO_SERVER, -1: Submitted.FULL}.get(status, Submitted.QUEUED), depth
 
 
+def depth(r: redis.Redis, keys: wire.ModelKeys) -> int:
+    """How many jobs the model's queue holds now."""
+    return r.llen(keys.queue)
+
+
 class ServerQueue:
     """One model server's side of one model's queue."""
 

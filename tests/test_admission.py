@@ -165,6 +165,22 @@ def test_what_a_worker_saw_of_the_queue_counts_until_the_registry_is_read_again(
     assert upload(client, b"this is not an image").status_code == 400  # the registry's empty queue
 
 
+def test_near_the_limit_a_worker_reads_the_queue_before_decoding(r, make_app):
+    """Other workers fill the queue unseen, and it drains a batch at a time: near the limit a worker's view
+    is least sure, so it reads the queue's length rather than decode an image the submit would refuse."""
+    announce(r, wire.Speed(batch_size=1, batch_seconds={1: 10.0}))  # in 105 s: room for 7; none drains in 9 s
+    client = make_app(request_timeout_s=105).test_client()
+    fill(r, 6)
+    assert client.get("/models").status_code == 200  # the worker reads the registry: 6 queued, room for one
+    fill(r, 1)  # another worker's request takes it
+
+    response = upload(client, b"this is not an image")  # decoded, it would be a 400
+
+    assert response.status_code == 503 and response.json["error"]["code"] == "overloaded"
+    assert "7 images are queued ahead" in response.json["error"]["message"]
+    assert r.llen(KEYS.queue) == 7
+
+
 def test_retry_after_is_the_time_until_the_queue_has_drained_enough(r, make_app):
     announce(r, ONE_A_SECOND)
     fill(r, ALLOWED + 9)
