@@ -109,7 +109,7 @@ class ServerQueue:
         into Lua and back out (24 ms for 64 jobs here, against 8 ms for this)."""
         # Asking for no more than the queue holds keeps a take from an empty or short queue at one
         # LLEN (0.1 ms) instead of a transaction of BATCH_SIZE empty moves (0.5 ms at 32).
-        n = min(n, self.r.llen(self.keys.queue))
+        n = min(n, depth(self.r, self.keys))
         if n <= 0:
             return []
         pipe = self.r.pipeline(transaction=True)
