@@ -10,6 +10,7 @@ covers an estimate that lags when the machine slows down, and the answer's way b
 
 from __future__ import annotations
 
+import itertools
 import math
 import sys
 from collections.abc import Sequence
@@ -27,18 +28,24 @@ UNBOUNDED = sys.maxsize
 
 def batch_time(speed: wire.Speed, size: int) -> float:
     """Seconds one server takes for a batch of `size`: between measured sizes interpolated, below the
-    smallest as the smallest, beyond the largest at its time per image (bigger batches cost no less)."""
+    smallest as the smallest, beyond the largest at its time per image (bigger batches cost no less).
+
+    Each size's time is its own moving estimate, so noise can make a small batch read slower than a
+    bigger one; each size counts as the slowest of the sizes up to it. Predicted waits then grow
+    with the queue's depth, which depth_within's search relies on.
+    """
     sizes = sorted(speed.batch_seconds)
+    seconds = dict(zip(sizes, itertools.accumulate((speed.batch_seconds[n] for n in sizes), max), strict=True))
     below = [n for n in sizes if n <= size]
     above = [n for n in sizes if n >= size]
     if not below:
-        predict = speed.batch_seconds[sizes[0]]
+        predict = seconds[sizes[0]]
     elif not above:
-        predict = speed.batch_seconds[below[-1]] * size / below[-1]
+        predict = seconds[below[-1]] * size / below[-1]
     else:
         low, high = below[-1], above[0]
         share = 0.0 if high == low else (size - low) / (high - low)
-        predict = speed.batch_seconds[low] + share * (speed.batch_seconds[high] - speed.batch_seconds[low])
+        predict = seconds[low] + share * (seconds[high] - seconds[low])
     return predict + speed.extra_seconds
 
 

@@ -81,6 +81,18 @@ def test_the_allowed_depth_is_the_deepest_queue_answered_within_the_budget(budge
     assert estimate.wait_s(depth + 1) > budget_s
 
 
+def test_noisy_measurements_never_make_a_bigger_batch_cheaper_than_a_smaller_one():
+    """Each size's time is its own moving estimate: on a busy machine a small batch can read slower than a big
+    one. A request an idle tier can answer in time must still fit the depth admission allows (CI once
+    answered 20 images on an empty queue with a 503 "overloaded" so)."""
+    noisy = wire.Speed(batch_size=32, batch_seconds={1: 0.001, 2: 0.001, 4: 0.001, 8: 0.001, 16: 0.004, 32: 0.002})
+    times = [batch_time(noisy, n) for n in range(1, 65)]
+    assert times == sorted(times)
+    for remaining_s in np.arange(0.0005, 0.01, 0.00002):
+        depth = admission.limit(Estimate([noisy]), remaining_s, queue_limit=10**6).depth
+        assert all(count <= depth for count in range(1, 65) if admission.feasible([noisy], count, remaining_s))
+
+
 def test_without_a_measured_speed_nothing_is_known_and_only_queue_limit_binds():
     just_started = wire.Speed(batch_size=32, batch_seconds={})
     for estimate in (Estimate([]), Estimate([just_started])):
