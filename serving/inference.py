@@ -63,18 +63,20 @@ class InferenceClient:
         published speed there is no such guess, and nothing is refused here.
         """
         estimate, limit = self._admission(model, count, deadline)
-        if estimate.known and self._queued(model, estimate) + count > limit.depth - estimate.step:
+        if not estimate.known:
+            return
+        queued = self._queued(model, estimate)
+        if queued + count > limit.depth - estimate.step:
             # Near the limit this worker's view is least sure: the queue drains a batch at a time, and other
             # workers fill it unseen. The queue's length costs one round trip; decoding an image that its
             # submit then refuses costs more (at 10x ResNet50, every other submit was refused so).
-            self._seen[model.keys] = (queue.depth(self.r, model.keys), time.monotonic())
-        refusal = self._overloaded(model, estimate, limit, count)
-        if refusal:
-            raise refusal
-        if estimate.known:
-            # Counted as queued until its submit says what the queue really holds, so that the requests this
-            # worker lets through meanwhile do not all count on the same room.
-            self._seen[model.keys] = (self._queued(model, estimate) + count, time.monotonic())
+            queued = queue.depth(self.r, model.keys)
+            self._seen[model.keys] = (queued, time.monotonic())
+        if queued + count > limit.depth:
+            raise self._refusal(model, estimate, limit, queued, count)
+        # Counted as queued until its submit says what the queue really holds, so that the requests this
+        # worker lets through meanwhile do not all count on the same room.
+        self._seen[model.keys] = (queued + count, time.monotonic())
 
     def overloaded(self, model: ModelState, count: int, deadline: float) -> Refused | None:
         """The refusal refuse_early would raise because the model is overloaded, counted but with nothing
@@ -84,9 +86,6 @@ class InferenceClient:
         if remaining <= 0 or not admission.feasible(model.speeds, count, remaining):
             return None
         estimate, limit = self._limit(model, remaining)
-        return self._overloaded(model, estimate, limit, count)
-
-    def _overloaded(self, model: ModelState, estimate: Estimate, limit: Limit, count: int) -> Refused | None:
         queued = self._queued(model, estimate)
         if estimate.known and queued + count > limit.depth:
             return self._refusal(model, estimate, limit, queued, count)

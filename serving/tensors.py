@@ -121,7 +121,7 @@ def _inputs(raw: object, binary: bytes) -> list[Input]:
 def _input(tensor: dict, chunk: bytes | None) -> Input:
     name, datatype = tensor.get("name"), tensor.get("datatype")
     if not isinstance(name, str) or datatype not in ("BYTES", "UINT8"):
-        raise BadTensor(f"each input needs a \"name\" and a datatype of BYTES or UINT8, not {datatype!r:.40}")
+        raise BadTensor(f'each input needs a "name" and a datatype of BYTES or UINT8, not {datatype!r:.40}')
     shape = _shape(tensor.get("shape"), name)
     if chunk is None and "data" not in tensor:
         raise BadTensor(f'input {name!r} has neither "data" nor binary data')
@@ -140,7 +140,7 @@ def _input(tensor: dict, chunk: bytes | None) -> Input:
 def _shape(raw: object, name: str) -> tuple[int, ...]:
     dims = raw if isinstance(raw, list) and len(raw) <= _MAX_DIMS else None
     if dims is None or not all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in dims):
-        raise BadTensor(f"input {name!r} needs a \"shape\": a list of up to {_MAX_DIMS} whole numbers")
+        raise BadTensor(f'input {name!r} needs a "shape": a list of up to {_MAX_DIMS} whole numbers')
     return tuple(dims)
 
 
