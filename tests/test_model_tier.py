@@ -19,6 +19,7 @@ import pytest
 
 from scripts.processes import wait_until
 from serving import queue, registry, wire, zoo
+from serving.batch import top_classes
 from serving.clock import RedisClock
 from serving.speed import allowed_sizes, padded
 
@@ -117,6 +118,20 @@ def test_served_probabilities_equal_keras_predict_on_numpy_preprocessed_pixels(r
         x = imagenet_utils.preprocess_input(x, data_format="channels_last", mode=mode)
     expected = np.asarray(keras.saving.load_model(path, compile=False).predict_on_batch(x))
     np.testing.assert_allclose(np.stack([served[i] for i in ids]), expected, atol=1e-5)
+
+
+@pytest.mark.parametrize("classes", [10, 64, 65, 1000])
+def test_the_top_k_are_those_a_stable_sort_of_the_whole_row_puts_first(classes):
+    """Ties in index order, NaNs last, whatever the row's length (long rows are partitioned first)."""
+    rng = np.random.default_rng(classes)
+    for trial in range(300):
+        row = rng.random(classes).astype(np.float32)
+        if trial % 3 == 0:
+            row = np.round(row, 1)  # many ties, at the k-th place too
+        if trial % 5 == 0:
+            row[rng.integers(0, classes, 3)] = np.nan
+        for k in (1, 5, classes):
+            assert np.array_equal(top_classes(row, k), np.argsort(-row, kind="stable")[:k])
 
 
 # The pipeline: batches overlap, every job is answered once, nothing stays in flight.
