@@ -10,6 +10,7 @@ covers an estimate that lags when the machine slows down, and the answer's way b
 
 from __future__ import annotations
 
+import bisect
 import itertools
 import math
 import sys
@@ -26,27 +27,39 @@ HEADROOM = 0.8
 UNBOUNDED = sys.maxsize
 
 
-def batch_time(speed: wire.Speed, size: int) -> float:
-    """Seconds one server takes for a batch of `size`: between measured sizes interpolated, below the
-    smallest as the smallest, beyond the largest at its time per image (bigger batches cost no less).
+class BatchTimes:
+    """One server's time for a batch of any size, from its published speed: between measured sizes
+    interpolated, below the smallest as the smallest, beyond the largest at its time per image
+    (bigger batches cost no less).
 
     Each size's time is its own moving estimate, so noise can make a small batch read slower than a
     bigger one; each size counts as the slowest of the sizes up to it. Predicted waits then grow
-    with the queue's depth, which depth_within's search relies on.
+    with the queue's depth, which depth_within's search relies on. Built once per estimate: the
+    search asks for many sizes.
     """
-    sizes = sorted(speed.batch_seconds)
-    seconds = dict(zip(sizes, itertools.accumulate((speed.batch_seconds[n] for n in sizes), max), strict=True))
-    below = [n for n in sizes if n <= size]
-    above = [n for n in sizes if n >= size]
-    if not below:
-        predict = seconds[sizes[0]]
-    elif not above:
-        predict = seconds[below[-1]] * size / below[-1]
-    else:
-        low, high = below[-1], above[0]
-        share = 0.0 if high == low else (size - low) / (high - low)
-        predict = seconds[low] + share * (seconds[high] - seconds[low])
-    return predict + speed.extra_seconds
+
+    def __init__(self, speed: wire.Speed) -> None:
+        self.batch_size = speed.batch_size
+        self.sizes = sorted(speed.batch_seconds)
+        self.seconds = list(itertools.accumulate((speed.batch_seconds[n] for n in self.sizes), max))
+        self.extra_seconds = speed.extra_seconds
+
+    def __call__(self, size: int) -> float:
+        i = bisect.bisect_left(self.sizes, size)
+        if i == len(self.sizes):
+            predict = self.seconds[-1] * size / self.sizes[-1]
+        elif i == 0 or self.sizes[i] == size:
+            predict = self.seconds[i]
+        else:
+            low, high = self.sizes[i - 1], self.sizes[i]
+            share = (size - low) / (high - low)
+            predict = self.seconds[i - 1] + share * (self.seconds[i] - self.seconds[i - 1])
+        return predict + self.extra_seconds
+
+
+def batch_time(speed: wire.Speed, size: int) -> float:
+    """Seconds one server takes for a batch of `size` (see BatchTimes)."""
+    return BatchTimes(speed)(size)
 
 
 class Estimate:
@@ -54,12 +67,12 @@ class Estimate:
 
     def __init__(self, speeds: Sequence[wire.Speed], held: int = 0) -> None:
         self.held = held  # images the servers have taken and not answered: ahead of the whole queue
-        self.speeds = [speed for speed in speeds if speed.batch_seconds]
-        self.known = bool(self.speeds)
+        self.servers = [BatchTimes(speed) for speed in speeds if speed.batch_seconds]
+        self.known = bool(self.servers)
         # Images a second of the whole model tier, each server running full batches.
-        self.rate = sum(s.batch_size / batch_time(s, s.batch_size) for s in self.speeds)
+        self.rate = sum(s.batch_size / s(s.batch_size) for s in self.servers)
         # The queue drains in steps, not smoothly: each server takes a full batch at once.
-        self.step = sum(s.batch_size for s in self.speeds)
+        self.step = sum(s.batch_size for s in self.servers)
 
     def wait_s(self, images: int) -> float:
         """Seconds until the last of `images` queued images (the queue ahead and a request's own) is answered.
@@ -69,7 +82,7 @@ class Estimate:
         """
         if not self.known:
             return 0.0
-        last_batch = max(batch_time(s, max(1, min(images, s.batch_size))) for s in self.speeds)
+        last_batch = max(s(max(1, min(images, s.batch_size))) for s in self.servers)
         return (self.held + images) / self.rate + last_batch
 
     def depth_within(self, budget_s: float) -> int:
