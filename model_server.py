@@ -9,6 +9,8 @@ The loop itself is serving.modelserver.ModelServer.
 from __future__ import annotations
 
 import logging
+import os
+import re
 import signal
 import sys
 
@@ -31,9 +33,46 @@ def load(settings: Settings) -> zoo.KerasServable:
     )
 
 
+def use_threads(count: int) -> None:
+    """Let one predict use at most `count` threads (0: the backend's own choice, every core); called
+    before the backend computes anything."""
+    if not count:
+        return
+    # XLA reads its flags when JAX starts, so they are set before Keras imports it.
+    flags = f"--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads={count}"
+    os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {flags}".strip()
+    import keras
+
+    if keras.backend.backend() == "tensorflow":
+        import tensorflow as tf
+
+        tf.config.threading.set_intra_op_parallelism_threads(count)
+    elif keras.backend.backend() == "torch":
+        import torch
+
+        torch.set_num_threads(count)
+
+
+def predict_threads() -> int | str:
+    """The threads one predict may use, as the backend reports them ("all" for its own choice)."""
+    import keras
+
+    if keras.backend.backend() == "tensorflow":
+        import tensorflow as tf
+
+        return tf.config.threading.get_intra_op_parallelism_threads() or "all"
+    if keras.backend.backend() == "torch":
+        import torch
+
+        return torch.get_num_threads()
+    limit = re.search(r"intra_op_parallelism_threads=(\d+)", os.environ.get("XLA_FLAGS", ""))  # JAX
+    return int(limit.group(1)) if limit else "all"
+
+
 def main() -> int:
     settings = Settings.from_env()
     logs.setup("model_server", settings)
+    use_threads(settings.model_threads)
     try:
         servable = load(settings)
     except zoo.ModelUnavailable as exc:
@@ -41,7 +80,7 @@ def main() -> int:
         return 2
     import keras  # loaded by zoo.load already: which backend it runs on is worth a line in the log
 
-    logs.event(log, "loaded", model=settings.model, backend=keras.backend.backend())
+    logs.event(log, "loaded", model=settings.model, backend=keras.backend.backend(), threads=predict_threads())
     name = connections.client_name("model", settings.model_name)
     r = connections.connect(settings.redis_url, socket_timeout=BLOCK_S + 5, name=name)
     server = ModelServer(servable, r, settings)
