@@ -82,11 +82,12 @@ def load_curve(url: str, image: pathlib.Path, loads: tuple[int, ...], duration: 
     return {c: summary(run) for c, run in runs.items()}
 
 
-def our_stack(spec: ModelSpec, **env: str) -> tuple[Stack, str]:
-    """Redis, one model server and the web tier for spec; the web URL."""
+def our_stack(spec: ModelSpec, model_servers: int = 1, **env: str) -> tuple[Stack, str]:
+    """Redis, `model_servers` model servers and the web tier for spec; the web URL."""
     stack = Stack(WORK / "stack", **spec.env, **env)
     try:
-        stack.model_server()
+        for _ in range(model_servers):
+            stack.model_server()
         return stack, stack.web_server()
     except BaseException:
         stack.close()

@@ -7,8 +7,9 @@ and 504, the p99 of every answer and of the 503s, and the refusals by reason fro
 the light run again, to show normal service right after. For digits, also a burst of 5,000
 clients at once against a default stack, compared with what its measured rate and deadline allow.
 The model server runs at nice 10 (--model-nice): both tiers share this machine's two cores, and so
-a refusal does not wait behind TensorFlow's threads, as on hosts of their own.
-Writes bench/results/overload.{json,md,png}.
+a refusal does not wait behind TensorFlow's threads, as on hosts of their own. --model-servers N
+--model-threads T runs N model servers of T threads each (MODEL_THREADS), e.g. one single-threaded
+server per core. Writes bench/results/<--out, default overload>.{json,md,png}.
 
     .venv/bin/python -m bench.overload [--models resnet50 digits] [--duration 20] [--levels 0.5 1 3 10]
 """
@@ -22,14 +23,20 @@ import re
 import sys
 import time
 import urllib.request
+from dataclasses import dataclass
 
 from bench.common import RESULTS, command_line, model_spec, our_stack, stress
+from bench.model_tier import cpu_seconds
 from scripts.processes import Stack
 
 LEVELS = (0.5, 0.6, 1.0, 2.0, 3.0, 5.0, 10.0)
 TIMEOUT_S = 10  # REQUEST_TIMEOUT_S of the sweep, as in issue 10
-# Enough clients for full batches in every in-flight slot of the model server (it takes one batch ahead).
+# Enough clients for full batches in every in-flight slot of one model server (it takes one batch ahead).
 CAPACITY_CLIENTS = {"resnet50": 96, "digits": 128}
+# Each further model server computes a batch of its own: one full batch (BATCH_SIZE) more clients.
+# Not one server's worth more: past the depth the deadline allows, a closed loop's refused clients
+# retry at once and the refusals, not the model, take the cores.
+CLIENTS_PER_EXTRA_SERVER = 32
 LIGHT_CLIENTS = 4
 CAPACITY_S = 15.0
 WARM_UP_S = 10.0
@@ -96,28 +103,48 @@ def point(run: dict, capacity: float) -> dict:
     }
 
 
-def stack_for(name: str, nice: int, **env: str) -> tuple[Stack, str]:
-    """A stack serving `name`, its model server's every thread at `nice`; the web URL."""
-    stack, url = our_stack(model_spec(name), **env)
-    model_server = stack.processes[0].pid
-    for thread in os.listdir(f"/proc/{model_server}/task"):
-        os.setpriority(os.PRIO_PROCESS, int(thread), nice)
+@dataclass(frozen=True)
+class ModelTier:
+    """How the sweep runs the model tier: how many model servers, their MODEL_THREADS, their nice value."""
+
+    servers: int = 1
+    threads: int = 0  # MODEL_THREADS: 0 is the backend's own choice, every core
+    nice: int = MODEL_NICE
+
+    def capacity_clients(self, name: str) -> int:
+        return CAPACITY_CLIENTS[name] + CLIENTS_PER_EXTRA_SERVER * (self.servers - 1)
+
+    def describe(self) -> str:
+        threads = f"MODEL_THREADS={self.threads}" if self.threads else "each using every core"
+        return f"{self.servers} model server{'s' if self.servers > 1 else ''} ({threads}) at nice {self.nice}"
+
+
+def stack_for(name: str, tier: ModelTier, **env: str) -> tuple[Stack, str]:
+    """A stack serving `name`, every thread of its model servers at the tier's nice value; the web URL."""
+    stack, url = our_stack(model_spec(name), tier.servers, MODEL_THREADS=str(tier.threads), **env)
+    for model_server in stack.processes[: tier.servers]:
+        for thread in os.listdir(f"/proc/{model_server.pid}/task"):
+            os.setpriority(os.PRIO_PROCESS, int(thread), tier.nice)
     return stack, url
 
 
-def sweep(name: str, levels: tuple[float, ...], duration: float, nice: int) -> dict:
+def sweep(name: str, levels: tuple[float, ...], duration: float, tier: ModelTier) -> dict:
     spec = model_spec(name)
-    stack, url = stack_for(name, nice, REQUEST_TIMEOUT_S=str(TIMEOUT_S))
+    stack, url = stack_for(name, tier, REQUEST_TIMEOUT_S=str(TIMEOUT_S))
     try:
-        capacity = measure_capacity(url, spec.image, CAPACITY_CLIENTS[name])
-        entry = {"capacity_rps": capacity, "light_before": light(url, spec.image, capacity), "points": {}}
+        cpu = Cores(stack, tier)
+        capacity, statuses = measure_capacity(url, spec.image, tier.capacity_clients(name))
+        entry = {"capacity_rps": capacity, "capacity_clients": tier.capacity_clients(name), "points": {}}
+        entry.update(capacity_statuses=statuses, capacity_cores=cpu.since_last())
+        entry["light_before"] = light(url, spec.image, capacity)
         for level in levels:
             rate = level * capacity
             print(f"{name}: {level:g}x capacity = {rate:.1f} req/s", flush=True)
             before = counters(url)
+            cpu.since_last()
             run = stress(url, spec.image, *open_loop(rate, duration))
-            metrics = delta(before, counters(url))
-            entry["points"][str(level)] = {"offered_rps": rate, **point(run, capacity), "metrics": metrics}
+            figures = {"metrics": delta(before, counters(url)), "cores": cpu.since_last()}
+            entry["points"][str(level)] = {"offered_rps": rate, **point(run, capacity), **figures}
         entry["light_after"] = light(url, spec.image, capacity)
         # What the overload admitted is answered or expired within its deadline; then service must be normal.
         time.sleep(TIMEOUT_S)
@@ -127,11 +154,30 @@ def sweep(name: str, levels: tuple[float, ...], duration: float, nice: int) -> d
         stack.close()
 
 
-def measure_capacity(url: str, image: pathlib.Path, clients: int) -> float:
-    """200s a second, closed loop, after a warm-up at the same load (a new stack gets faster for seconds)."""
+class Cores:
+    """The cores the model servers and the web tier (gunicorn and its workers) used between two calls."""
+
+    def __init__(self, stack: Stack, tier: ModelTier) -> None:
+        self.model_pids = [process.pid for process in stack.processes[: tier.servers]]
+        self.web_pid = stack.processes[tier.servers].pid
+        self.last = (time.monotonic(), self._seconds())
+
+    def since_last(self) -> dict[str, float]:
+        (then, before), now, seconds = self.last, time.monotonic(), self._seconds()
+        self.last = (now, seconds)
+        return {part: round((seconds[part] - before[part]) / (now - then), 2) for part in seconds}
+
+    def _seconds(self) -> dict[str, float]:
+        return {"model": sum(map(cpu_seconds, self.model_pids)), "web": cpu_seconds(self.web_pid)}
+
+
+def measure_capacity(url: str, image: pathlib.Path, clients: int) -> tuple[float, dict[str, int]]:
+    """200s a second, closed loop, after a warm-up at the same load (a new stack gets faster for seconds);
+    and the statuses of that run: a closed loop refused by admission retries at once, and its refusals
+    then take the cores from the model."""
     stress(url, image, "--duration", str(WARM_UP_S), "--concurrency", str(clients))
     closed = stress(url, image, "--duration", str(CAPACITY_S), "--concurrency", str(clients))
-    return goodput_rps(closed)
+    return goodput_rps(closed), closed["status_counts"]
 
 
 def open_loop(rate: float, duration: float, connections: int = CONNECTIONS) -> list[str]:
@@ -144,13 +190,13 @@ def light(url: str, image: pathlib.Path, capacity: float) -> dict:
     return point(run, capacity)
 
 
-def burst(nice: int) -> dict:
+def burst(tier: ModelTier) -> dict:
     """BURST digits clients at once against a default stack (REQUEST_TIMEOUT_S 30): who was refused, and
     how many the measured rate could have answered within the deadline."""
     spec = model_spec("digits")
-    stack, url = stack_for("digits", nice)
+    stack, url = stack_for("digits", tier)
     try:
-        capacity = measure_capacity(url, spec.image, CAPACITY_CLIENTS["digits"])
+        capacity, _ = measure_capacity(url, spec.image, tier.capacity_clients("digits"))
         before = counters(url)
         run = stress(url, spec.image, "--rate", "100000", "--requests", str(BURST), "--connections", str(BURST),
                      "--timeout", "60")  # fmt: skip
@@ -178,18 +224,20 @@ def counted(metrics: dict[str, float], keys: tuple[str, ...]) -> str:
 def report(results: dict) -> str:
     lines = [
         f"Measured {results['when']} on {results['machine']} with `{results['command']}`; REQUEST_TIMEOUT_S="
-        f"{TIMEOUT_S}, everything else default; the model server at nice {results['model_nice']}. Shares are of "
+        f"{TIMEOUT_S}, everything else default; {results['model_tier']}. Shares are of "
         "every request sent; goodput is 200s a second, from the first request to the last 200, over "
         "the capacity measured closed loop just before, in the same stack.",
         "",
     ]
     for name, r in results["models"].items():
         lines += [
-            f"**{name}**: capacity {r['capacity_rps']:.1f} req/s closed loop ({CAPACITY_CLIENTS[name]} clients).",
+            f"**{name}**: capacity {r['capacity_rps']:.1f} req/s closed loop ({r['capacity_clients']} clients; "
+            f"statuses {r['capacity_statuses']}; cores used: {cores(r['capacity_cores'])}).",
             "",
             "| offered | req/s | requests | goodput | 200 | 503 | 504 | other | p99 ms | p99 of 503 ms "
-            "| refused (wait / queue_limit) | late / finished late / expired | load generator CPU, send lag p99 |",
-            "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+            "| refused (wait / queue_limit) | late / finished late / expired | load generator CPU, send lag p99 "
+            "| cores: model / web |",
+            "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
         ]
         for level, p in r["points"].items():
             s = p["shares"]
@@ -197,7 +245,8 @@ def report(results: dict) -> str:
             lines.append(
                 f"| {float(level):g}x | {p['offered_rps']:.1f} | {p['requests']} | {p['goodput']:.0%} "
                 f"| {s['200']:.1%} | {s['503']:.1%} | {s['504']:.1%} | {s['other']:.1%} | {p['p99_ms']:.0f} | {p503} "
-                f"| {counted(p['metrics'], REFUSALS)} | {counted(p['metrics'], DROPS)} | {generator(p)} |"
+                f"| {counted(p['metrics'], REFUSALS)} | {counted(p['metrics'], DROPS)} | {generator(p)} "
+                f"| {p['cores']['model']:.2f} / {p['cores']['web']:.2f} |"
             )
         b, a, d = r["light_before"], r["light_after"], r["light_after_deadline"]
         lines += [
@@ -218,6 +267,10 @@ def report(results: dict) -> str:
             "",
         ]
     return "\n".join(lines)
+
+
+def cores(used: dict[str, float]) -> str:
+    return f"model servers {used['model']:.2f}, web tier {used['web']:.2f}"
 
 
 def generator(p: dict) -> str:
@@ -266,22 +319,26 @@ def main() -> None:
     parser = command_line(__doc__, ["resnet50", "digits"], 20.0, "arrivals")
     parser.add_argument("--levels", nargs="+", type=float, default=list(LEVELS))
     parser.add_argument("--no-burst", action="store_true", help="leave out the burst of 5,000 digits clients")
-    parser.add_argument("--model-nice", type=int, default=MODEL_NICE, help="the model server's nice value")
+    parser.add_argument("--model-nice", type=int, default=MODEL_NICE, help="the model servers' nice value")
+    parser.add_argument("--model-servers", type=int, default=1, help="model servers per model")
+    parser.add_argument("--model-threads", type=int, default=0, help="MODEL_THREADS of each (0: every core)")
+    parser.add_argument("--out", default="overload", help="results go to bench/results/OUT.{json,md,png}")
     args = parser.parse_args()
+    tier = ModelTier(args.model_servers, args.model_threads, args.model_nice)
     results = {
         "when": time.strftime("%Y-%m-%d"),
         "machine": f"{len(os.sched_getaffinity(0))} CPU cores, no GPU",
         "command": " ".join(["python -m bench.overload", *sys.argv[1:]]),
-        "model_nice": args.model_nice,
-        "models": {name: sweep(name, tuple(args.levels), args.duration, args.model_nice) for name in args.models},
+        "model_tier": tier.describe(),
+        "models": {name: sweep(name, tuple(args.levels), args.duration, tier) for name in args.models},
     }
     if not args.no_burst:
         print(f"digits: {BURST} clients at once", flush=True)
-        results["burst"] = burst(args.model_nice)
+        results["burst"] = burst(tier)
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "overload.json").write_text(json.dumps(results, indent=2) + "\n")
-    (RESULTS / "overload.md").write_text(report(results))
-    plot(results, str(RESULTS / "overload.png"))
+    (RESULTS / f"{args.out}.json").write_text(json.dumps(results, indent=2) + "\n")
+    (RESULTS / f"{args.out}.md").write_text(report(results))
+    plot(results, str(RESULTS / f"{args.out}.png"))
     print(report(results))
 
 
