@@ -130,8 +130,12 @@ def sweep(name: str, levels: tuple[float, ...], duration: float, tier: ModelTier
     try:
         cpu = Cores(stack, tier)
         capacity, statuses = measure_capacity(url, spec.image, CAPACITY_CLIENTS[name])
-        entry = {"capacity_rps": capacity, "capacity_clients": CAPACITY_CLIENTS[name], "points": {}}
-        entry.update(capacity_statuses=statuses, capacity_cores=cpu.since_last())
+        entry = {
+            "capacity_rps": capacity,
+            "capacity_statuses": statuses,
+            "capacity_cores": cpu.since_last(),
+            "points": {},
+        }
         entry["light_before"] = light(url, spec.image, capacity)
         for level in levels:
             rate = level * capacity
@@ -227,7 +231,7 @@ def report(results: dict) -> str:
     ]
     for name, r in results["models"].items():
         lines += [
-            f"**{name}**: capacity {r['capacity_rps']:.1f} req/s closed loop ({r['capacity_clients']} clients; "
+            f"**{name}**: capacity {r['capacity_rps']:.1f} req/s closed loop ({CAPACITY_CLIENTS[name]} clients; "
             f"statuses {r['capacity_statuses']}; cores used: {cores(r['capacity_cores'])}).",
             "",
             "| offered | req/s | requests | goodput | 200 | 503 | 504 | other | p99 ms | p99 of 503 ms "
