@@ -41,9 +41,9 @@ class Settings:
     # Batching: see the README's tuning guide for how these defaults were measured.
     batch_size: int = _setting(32, minimum=1)  # BATCH_SIZE
     batch_wait_ms: int = _setting(0, minimum=0)  # BATCH_WAIT_MS
-    # Threads one predict may use; 0: the backend's own choice (every core). On a CPU host, one
-    # single-threaded model server per core keeps more of its capacity when the web tier shares the
-    # cores (the README's tuning guide has the figures).
+    # Threads one predict may use; 0: the backend's own choice (every core). For several model servers
+    # sharing a CPU host; one single-threaded server per core was measured against one server for the
+    # whole host in the README's tuning guide (better at 3x-5x overload, not reliably at 10x).
     model_threads: int = _setting(0, minimum=0)  # MODEL_THREADS
 
     request_timeout_s: float = _setting(30.0, minimum=0.001)  # REQUEST_TIMEOUT_S

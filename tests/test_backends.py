@@ -20,7 +20,7 @@ from tests.conftest import DIGITS, png, upload
 
 @pytest.mark.processes
 def test_a_jax_model_server_answers_as_tensorflow_does_in_process(r, redis_url, client, digits, holdout, tmp_path):
-    # One thread a predict (MODEL_THREADS), as one model server per core of a CPU host runs.
+    # One thread a predict (MODEL_THREADS): the limit reaches JAX too, through XLA's flags.
     env = {"KERAS_BACKEND": "jax", "MODEL": "digits", "REDIS_URL": redis_url, "BATCH_SIZE": "8", "LOG_FORMAT": "json"}
     env["MODEL_THREADS"] = "1"
     server = start_python("model_server.py", env, tmp_path / "model.log")
