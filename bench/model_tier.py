@@ -6,11 +6,15 @@ model tier's figure is a model server (in-process, real Redis) draining a queue 
 224x224 RGB jobs exactly as the web tier writes them, from its first take to its last answer.
 Each batch's time is split into take, decode, predict and answer from the server's own Batch
 records; preprocessing inside predict is the servable's time minus the inner model's on ready
-float32 input. Also measures what a batch size not seen before costs with and without padding.
-Each backend runs in its own process (KERAS_BACKEND is read once, at import).
+float32 input. Each run also records the cores the server's process and Redis used while it
+drained, and the floor of its take: one MGET of as many job-sized values from the same Redis.
+Also measures what a batch size not seen before costs with and without padding. Each backend runs
+in its own process (KERAS_BACKEND is read once, at import); `tensorflow-xla` is TensorFlow with
+its predict compiled by XLA, as Keras compiles it on a GPU and not on a CPU.
 
     .venv/bin/python -m bench.model_tier [--models near_free mobilenet_v2 resnet50] [--batches 1 8 32]
-        [--backends tensorflow jax] [--system SECONDS]   ->  bench/results/model_tier.{md,json,png}
+        [--backends tensorflow tensorflow-xla jax] [--system SECONDS] [--out NAME]
+        ->  bench/results/NAME.{md,json,png} (default NAME: model_tier)
 
 Last, the whole system on these 2 cores (Redis, one model server of the near-free model, the web
 tier) under stress_test.py, with the CPU each part used.
@@ -35,8 +39,10 @@ from scripts.processes import REPO, free_port, start_redis, stop, wait_until
 
 MODELS = ("no_model", "near_free", "mobilenet_v2", "resnet50")
 BATCHES = (1, 2, 4, 8, 16, 32, 64, 128)
-# JAX is the GPU path shown on CPU: the near-free model's feed rate and ResNet50 at the sizes that matter.
-JAX_RUNS = {"near_free": BATCHES, "resnet50": (32,)}
+# Beside TensorFlow, each backend runs only what it shows. JAX is the GPU path shown on CPU: the
+# near-free model's feed rate and ResNet50 at the size that matters. XLA, as on a GPU, makes the
+# near-free model's predict several times faster on CPU; it slows convolutions here (README).
+ONLY_RUNS = {"jax": {"near_free": BATCHES, "resnet50": (32,)}, "tensorflow-xla": {"near_free": BATCHES}}
 CEILING_S = 2.0  # timed predicts per batch size: at least this long, and at least 3 batches
 DRAIN_S = 4.0  # jobs queued per run: about this many seconds of ceiling work, at least 4 batches
 MAX_JOBS = 6144  # 1.2 GB in Redis
@@ -62,7 +68,12 @@ class NoModel:
 def servable_of(name: str):
     from serving import zoo
 
-    return NoModel() if name == "no_model" else zoo.load(model_file(name), preprocess=PREPROCESS[name], name=name)
+    if name == "no_model":
+        return NoModel()
+    servable = zoo.load(model_file(name), preprocess=PREPROCESS[name], name=name)
+    if os.environ.get("BENCH_XLA"):  # set for the tensorflow-xla worker; the inner model for preprocess_ms
+        servable.served.jit_compile = servable.model.jit_compile = True
+    return servable
 
 
 def model_file(name: str) -> str:
@@ -119,15 +130,17 @@ def _ms(run, batch: np.ndarray) -> float:
     return round((time.perf_counter() - started) * 1000, 1)
 
 
-def jobs(keys, count: int, deadline: float) -> list:
+def jobs(count: int, deadline: float) -> list:
+    """`count` jobs of 224x224 RGB pixels, as the web tier queues them."""
     from serving import wire
 
     images = np.random.default_rng(1).integers(0, 256, (8, 224, 224, 3), np.uint8)
     return [wire.Job(f"job-{i}", "bench", images[i % 8], deadline, 5) for i in range(count)]
 
 
-def drain(servable, redis_url: str, batch_size: int, count: int) -> dict:
-    """A model server draining `count` queued jobs: images a second and its batches' stage split."""
+def drain(servable, redis_url: str, redis_pid: int, batch_size: int, count: int) -> dict:
+    """A model server draining `count` queued jobs: images a second, its batches' stage split, and
+    the cores this process (the server) and Redis used meanwhile."""
     from serving import connections, queue, wire
     from serving.clock import RedisClock
     from serving.modelserver import ModelServer
@@ -137,7 +150,7 @@ def drain(servable, redis_url: str, batch_size: int, count: int) -> dict:
     r.flushall()
     keys = wire.ModelKeys(servable.info.name, servable.info.version)
     r.set(keys.alive, 1)
-    prepared = jobs(keys, count, RedisClock(r).now() + 3600)
+    prepared = jobs(count, RedisClock(r).now() + 3600)
     for start in range(0, count, 64):  # as web workers write them: one request's jobs in one call
         queue.submit(r, keys, prepared[start : start + 64], limit=count)
     records = []
@@ -146,10 +159,13 @@ def drain(servable, redis_url: str, batch_size: int, count: int) -> dict:
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     wait_until(server.started.is_set, 600, "warm-up")
+    cpu_before = time.process_time(), cpu_seconds(redis_pid)
     started = time.perf_counter()
     inbox = keys.inbox("bench")
     wait_until(lambda: r.llen(inbox) >= count, 600, "the queue drained")
     seconds = time.perf_counter() - started
+    server_cores = (time.process_time() - cpu_before[0]) / seconds
+    redis_cores = (cpu_seconds(redis_pid) - cpu_before[1]) / seconds
     server.stop()
     thread.join()
     full = [b for b in records[1:] if len(b.jobs) == batch_size] or records  # steady state: full batches
@@ -157,7 +173,29 @@ def drain(servable, redis_url: str, batch_size: int, count: int) -> dict:
         stage: statistics.mean(getattr(b, f"{stage}_seconds") for b in full) * 1000
         for stage in ("take", "decode", "model", "answer")
     }
-    return {"images_per_s": count / seconds, "jobs": count, "batches": len(records), "stage_ms": stages}
+    return {
+        "images_per_s": count / seconds,
+        "jobs": count,
+        "batches": len(records),
+        "stage_ms": stages,
+        "cores": {"server": round(server_cores, 2), "redis": round(redis_cores, 2)},
+    }
+
+
+def transfer_ms(redis_url: str, batch_size: int) -> float:
+    """ms of one MGET of a full batch of job-sized values from Redis, alone: the floor of a take of that batch."""
+    from serving import connections
+
+    r = connections.connect(redis_url, socket_timeout=30)
+    names = [f"{{transfer}}:{n}" for n in range(batch_size)]
+    r.mset(dict.fromkeys(names, jobs(1, 0.0)[0].encode()))
+    r.mget(names)
+    repeats, started = max(10, 2048 // batch_size), time.perf_counter()
+    for _ in range(repeats):
+        r.mget(names)
+    seconds = (time.perf_counter() - started) / repeats
+    r.delete(*names)
+    return seconds * 1000
 
 
 def preprocess_ms(servable, name: str, batch: np.ndarray, ceiling: float) -> float:
@@ -173,6 +211,7 @@ def worker(models: list[str], batches: list[int]) -> dict:
     """Every figure of one backend (this process's KERAS_BACKEND)."""
     port = free_port()
     redis_process = start_redis(port, hz=100)
+    redis_url = f"redis://127.0.0.1:{port}/0"
     results: dict = {}
     try:
         for name in models:
@@ -183,8 +222,9 @@ def worker(models: list[str], batches: list[int]) -> dict:
                 x = np.random.default_rng(2).integers(0, 256, (b, 224, 224, 3), np.uint8)
                 ceiling = rate(servable.predict, x) if name != "no_model" else None  # no model: no ceiling
                 count = min(MAX_JOBS, max(4 * b, round(ceiling * DRAIN_S / b) * b)) if ceiling else MAX_JOBS
-                tier = drain(servable, f"redis://127.0.0.1:{port}/0", b, count)
+                tier = drain(servable, redis_url, redis_process.pid, b, count)
                 tier["ceiling_images_per_s"] = ceiling
+                tier["stage_ms"]["transfer_floor"] = transfer_ms(redis_url, b)
                 if ceiling:
                     tier["stage_ms"]["preprocess_in_model"] = preprocess_ms(servable, name, x, ceiling)
                 entry["batches"][b] = tier
@@ -241,7 +281,10 @@ def whole_system(duration: float, concurrency: int) -> dict:
 def run_backend(backend: str, models: list[str], batches: list[int]) -> dict:
     out = WORK / f"model_tier_{backend}.json"
     command = [sys.executable, "-m", "bench.model_tier", "--worker", "--json", str(out), "--models", *models]
-    env = {**os.environ, "KERAS_BACKEND": backend, "PYTHONPATH": str(REPO), "TF_CPP_MIN_LOG_LEVEL": "2"}
+    keras_backend, _, xla = backend.partition("-")
+    env = {**os.environ, "KERAS_BACKEND": keras_backend, "PYTHONPATH": str(REPO), "TF_CPP_MIN_LOG_LEVEL": "2"}
+    if xla:
+        env["BENCH_XLA"] = "1"
     subprocess.run([*command, "--batches", *map(str, batches)], check=True, cwd=REPO, env=env)
     return json.loads(out.read_text())
 
@@ -249,11 +292,13 @@ def run_backend(backend: str, models: list[str], batches: list[int]) -> dict:
 def report(results: dict) -> str:
     lines = [
         "One model server draining a full queue of 224x224 RGB jobs (real Redis), against the same "
-        "servable's predict on ready uint8 batches (`make bench-model`). Stage times are per full batch.",
+        "servable's predict on ready uint8 batches (`make bench-model`). Stage times are per full batch; "
+        "the take's floor is one MGET of as many job-sized values from the same Redis, alone; cores are what the "
+        "server's process and Redis used while it drained.",
         "",
-        "| backend | model | batch | model tier img/s | ceiling img/s | tier / ceiling "
-        "| take ms | decode ms | predict ms | (preprocess in it) ms | answer ms |",
-        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| backend | model | batch | model tier img/s | ceiling img/s | tier / ceiling | take ms (floor) "
+        "| decode ms | predict ms | (preprocess in it) ms | answer ms | cores: server + Redis |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for backend, models in backends(results):
         for name, entry in models.items():
@@ -261,9 +306,10 @@ def report(results: dict) -> str:
                 s, ceiling = t["stage_ms"], t["ceiling_images_per_s"]
                 share = f"{ceiling:.0f} | {t['images_per_s'] / ceiling:.0%}" if ceiling else "- | -"
                 lines.append(
-                    f"| {backend} | {name} | {b} | {t['images_per_s']:.0f} | {share} | {s['take']:.1f} "
-                    f"| {s['decode']:.1f} | {s['model']:.1f} | {s.get('preprocess_in_model', 0):.1f} "
-                    f"| {s['answer']:.1f} |"
+                    f"| {backend} | {name} | {b} | {t['images_per_s']:.0f} | {share} "
+                    f"| {s['take']:.1f} ({s['transfer_floor']:.1f}) | {s['decode']:.1f} | {s['model']:.1f} "
+                    f"| {s.get('preprocess_in_model', 0):.1f} | {s['answer']:.1f} "
+                    f"| {t['cores']['server']:.2f} + {t['cores']['redis']:.2f} |"
                 )
     if system := results.get("system"):
         cores = ", ".join(f"{name} {n:.2f}" for name, n in system["cores_used"].items())
@@ -323,8 +369,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS)
     parser.add_argument("--batches", nargs="+", type=int, default=list(BATCHES))
-    parser.add_argument("--backends", nargs="+", default=["tensorflow", "jax"], choices=["tensorflow", "jax", "torch"])
+    backends = ["tensorflow", "tensorflow-xla", "jax", "torch"]
+    parser.add_argument("--backends", nargs="+", default=backends[:3], choices=backends)
     parser.add_argument("--system", type=float, default=20.0, help="seconds of the whole-system run (0: none)")
+    parser.add_argument("--out", default="model_tier", help="results' name in bench/results/")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--json", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -335,8 +383,8 @@ def main() -> None:
         return
     results = {}
     for backend in args.backends:
-        if backend == "jax":  # on CPU, JAX shows the GPU path; its figures beside TensorFlow's cost time only
-            runs = {m: [b for b in args.batches if b in JAX_RUNS[m]] for m in args.models if m in JAX_RUNS}
+        if only := ONLY_RUNS.get(backend):
+            runs = {m: [b for b in args.batches if b in only[m]] for m in args.models if m in only}
             results[backend] = {}
             for name, batches in runs.items():
                 results[backend].update(run_backend(backend, [name], batches) if batches else {})
@@ -346,9 +394,9 @@ def main() -> None:
         print("whole system", file=sys.stderr, flush=True)
         results["system"] = whole_system(args.system, concurrency=64)
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "model_tier.json").write_text(json.dumps(results, indent=1))
-    (RESULTS / "model_tier.md").write_text(report(results))
-    plot(results, str(RESULTS / "model_tier.png"))
+    (RESULTS / f"{args.out}.json").write_text(json.dumps(results, indent=1))
+    (RESULTS / f"{args.out}.md").write_text(report(results))
+    plot(results, str(RESULTS / f"{args.out}.png"))
     print(report(results))
 
 
