@@ -195,6 +195,7 @@ def transfer_ms(redis_url: str, batch_size: int) -> float:
         r.mget(names)
     seconds = (time.perf_counter() - started) / repeats
     r.delete(*names)
+    r.close()
     return seconds * 1000
 
 
@@ -369,8 +370,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS)
     parser.add_argument("--batches", nargs="+", type=int, default=list(BATCHES))
-    backends = ["tensorflow", "tensorflow-xla", "jax", "torch"]
-    parser.add_argument("--backends", nargs="+", default=backends[:3], choices=backends)
+    choices = ["tensorflow", "tensorflow-xla", "jax", "torch"]
+    parser.add_argument("--backends", nargs="+", default=choices[:3], choices=choices)
     parser.add_argument("--system", type=float, default=20.0, help="seconds of the whole-system run (0: none)")
     parser.add_argument("--out", default="model_tier", help="results' name in bench/results/")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
