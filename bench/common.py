@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import os
 import pathlib
 import subprocess
 import sys
@@ -103,3 +104,16 @@ def summary(run: dict) -> dict:
         "ok": run["ok"],
         "requests": run["requests"],
     }
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process and its children (gunicorn's workers) so far."""
+    ticks = os.sysconf("SC_CLK_TCK")
+    with open(f"/proc/{pid}/task/{pid}/children") as f:
+        children = [int(c) for c in f.read().split()]
+    total = 0.0
+    for each in (pid, *children):
+        with open(f"/proc/{each}/stat") as f:
+            fields = f.read().rpartition(")")[2].split()
+        total += (int(fields[11]) + int(fields[12])) / ticks  # utime, stime
+    return total

@@ -34,7 +34,7 @@ import time
 
 import numpy as np
 
-from bench.common import RESULTS, WORK
+from bench.common import RESULTS, WORK, cpu_seconds
 from scripts.processes import REPO, free_port, start_redis, stop, wait_until
 
 MODELS = ("no_model", "near_free", "mobilenet_v2", "resnet50")
@@ -159,13 +159,13 @@ def drain(servable, redis_url: str, redis_pid: int, batch_size: int, count: int)
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     wait_until(server.started.is_set, 600, "warm-up")
-    cpu_before = time.process_time(), cpu_seconds(redis_pid)
+    server_before, redis_before = time.process_time(), cpu_seconds(redis_pid)
     started = time.perf_counter()
     inbox = keys.inbox("bench")
     wait_until(lambda: r.llen(inbox) >= count, 600, "the queue drained")
     seconds = time.perf_counter() - started
-    server_cores = (time.process_time() - cpu_before[0]) / seconds
-    redis_cores = (cpu_seconds(redis_pid) - cpu_before[1]) / seconds
+    server_cores = (time.process_time() - server_before) / seconds
+    redis_cores = (cpu_seconds(redis_pid) - redis_before) / seconds
     server.stop()
     thread.join()
     full = [b for b in records[1:] if len(b.jobs) == batch_size] or records  # steady state: full batches
@@ -234,19 +234,6 @@ def worker(models: list[str], batches: list[int]) -> dict:
     finally:
         stop(redis_process)
     return results
-
-
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU time of a process and its children (gunicorn's workers) so far."""
-    ticks = os.sysconf("SC_CLK_TCK")
-    with open(f"/proc/{pid}/task/{pid}/children") as f:
-        children = [int(c) for c in f.read().split()]
-    total = 0.0
-    for each in (pid, *children):
-        with open(f"/proc/{each}/stat") as f:
-            fields = f.read().rpartition(")")[2].split()
-        total += (int(fields[11]) + int(fields[12])) / ticks  # utime, stime
-    return total
 
 
 def whole_system(duration: float, concurrency: int) -> dict:

@@ -25,8 +25,7 @@ import time
 import urllib.request
 from dataclasses import dataclass
 
-from bench.common import RESULTS, command_line, model_spec, our_stack, stress
-from bench.model_tier import cpu_seconds
+from bench.common import RESULTS, command_line, cpu_seconds, model_spec, our_stack, stress
 from scripts.processes import Stack
 
 LEVELS = (0.5, 0.6, 1.0, 2.0, 3.0, 5.0, 10.0)

@@ -19,8 +19,7 @@ import subprocess
 import sys
 import time
 
-from bench.common import RESULTS, command_line, model_spec, our_stack, stress
-from bench.model_tier import cpu_seconds
+from bench.common import RESULTS, command_line, cpu_seconds, model_spec, our_stack, stress
 from scripts.processes import REPO, free_port, stop, wait_until
 
 CLIENTS = 128
