@@ -85,8 +85,8 @@ def model_infer(name: str, version: str | None = None) -> Response:
     # The protocol has no timeout of its own here: the header /predict takes may shorten REQUEST_TIMEOUT_S.
     timeout_s = parse_timeout(None, request.headers.get(TIMEOUT_HEADER), t.settings.request_timeout_s)
     deadline = t.clock.now() + timeout_s  # from arrival: decoding counts too
+    model = resolve(name, version)  # the URL first: an unknown model is a 404 whatever the body holds
     body = _read(read_body(request), request.headers.get(tensors.HEADER_LENGTH))
-    model = resolve(name, version)
     wanted = _requested(body, model.info)
     tensor = _input(body.inputs, model.info)
     admit_early(model, len(tensor.data), deadline, timeout_s)  # before decoding

@@ -154,6 +154,12 @@ def test_an_unknown_model_or_version_is_a_404_with_the_protocols_error(client, b
             client.get_model_metadata(name, version)
 
 
+@pytest.mark.parametrize("path", ["resnet/infer", "digits/versions/3/infer"])
+@pytest.mark.parametrize("body", [{}, {"inputs": "image"}])
+def test_an_unknown_model_is_a_404_even_when_the_body_is_wrong_too(url, path, body):
+    assert "digits" in protocol_error(post(url, path, body), 404)
+
+
 def test_versions_in_the_url_pick_the_version(client, batch):
     result = client.infer("digits", [image_input(batch[1][:2])], model_version="1")
     assert result.get_response()["model_version"] == "1"
