@@ -267,6 +267,7 @@ def whole_system(duration: float, concurrency: int) -> dict:
 
 
 def run_backend(backend: str, models: list[str], batches: list[int]) -> dict:
+    WORK.mkdir(parents=True, exist_ok=True)  # no model file may have made it yet (--models no_model)
     out = WORK / f"model_tier_{backend}.json"
     command = [sys.executable, "-m", "bench.model_tier", "--worker", "--json", str(out), "--models", *models]
     keras_backend, _, xla = backend.partition("-")
