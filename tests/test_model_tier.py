@@ -175,6 +175,25 @@ def test_after_a_batch_that_emptied_the_queue_the_next_is_taken_once_predict_is_
     assert [[job.request_id for job in b.jobs] for b in model_servers.batches] == [lone, later]
 
 
+def test_jobs_that_come_while_a_full_batch_computes_fill_the_batch_taken_behind_it(r, model_servers):
+    """The batch taken ahead cannot start before the one computing ends: it keeps taking until then, or
+    the jobs that came meanwhile would wait for the batch after next, in batches of what was there."""
+    servable = timed()
+    server = model_servers.start(servable, batch_size=4)
+    servable.gate.clear()
+    submit(r, servable, 5, prefix="first")
+    wait_until(lambda: sorted(held(r, server)) == [0, 1, 4], 30, "a full batch computing, one job taken behind it")
+    submit(r, servable, 2, prefix="meanwhile")
+    wait_until(lambda: sorted(held(r, server)) == [0, 3, 4], 30, "the jobs that came meanwhile taken too")
+    time.sleep(1.0)  # the batch behind, not full, waits for the one ahead
+    servable.gate.set()
+
+    wait_answered(r, servable, 7)
+    ahead, behind = model_servers.batches
+    assert [len(ahead.jobs), len(behind.jobs)] == [4, 3]
+    assert behind.take_seconds < 0.5  # its wait for the batch ahead is not its own time: the speed published
+
+
 def test_a_stop_computes_and_answers_the_batches_taken_and_leaves_the_rest_queued(r, model_servers):
     servable, server, ids = two_batches_held(r, model_servers, 12)
 
