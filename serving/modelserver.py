@@ -197,9 +197,9 @@ class ModelServer:
             if batch.jobs and not self._predict_free.is_set():
                 # This batch cannot start before the one ahead is done: it takes what comes meanwhile,
                 # else the jobs that arrive while a batch computes wait for the batch after next.
-                waited -= time.perf_counter()
+                wait_started = time.perf_counter()
                 self._predict_free.wait(self._fill_step())
-                waited += time.perf_counter()
+                waited += time.perf_counter() - wait_started
                 raw = self.queue.take_more(slot, asked, 0.0)
                 continue
             if ran_dry:
