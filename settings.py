@@ -16,10 +16,12 @@ from dataclasses import dataclass, field
 
 # Model names go into Redis keys and URLs: letters, digits, and . _ - after the first character.
 MODEL_NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+# Below 2**53, so that every JSON client reads a version exactly; room for date-like versions (20261206).
+MAX_MODEL_VERSION = 10**15 - 1
 
 
-def _setting(default: object, minimum: float | None = None) -> dataclasses.Field:
-    return field(default=default, metadata={"minimum": minimum})
+def _setting(default: object, minimum: float | None = None, maximum: float | None = None) -> dataclasses.Field:
+    return field(default=default, metadata={"minimum": minimum, "maximum": maximum})
 
 
 @dataclass(frozen=True)
@@ -34,7 +36,7 @@ class Settings:
     labels: str = ""  # LABELS
     preprocess: str = ""  # PREPROCESS
     model_name: str = ""  # MODEL_NAME
-    model_version: int = _setting(1, minimum=1)  # MODEL_VERSION
+    model_version: int = _setting(1, minimum=1, maximum=MAX_MODEL_VERSION)  # MODEL_VERSION
     # The web tier's model for requests that name none; unset, the only one served.
     default_model: str = ""  # DEFAULT_MODEL
 
@@ -93,9 +95,11 @@ class Settings:
     def check(self) -> None:
         """SystemExit with the setting's name when a value cannot work."""
         for f in dataclasses.fields(self):
-            minimum = f.metadata.get("minimum")
-            if minimum is not None and getattr(self, f.name) < minimum:
-                raise SystemExit(f"setting {f.name.upper()}={getattr(self, f.name)} must be at least {minimum:g}")
+            value, minimum, maximum = getattr(self, f.name), f.metadata.get("minimum"), f.metadata.get("maximum")
+            if minimum is not None and value < minimum:
+                raise SystemExit(f"setting {f.name.upper()}={value} must be at least {minimum:g}")
+            if maximum is not None and value > maximum:
+                raise SystemExit(f"setting {f.name.upper()}={value} must be at most {maximum:,}")
         if not MODEL_NAME_PATTERN.fullmatch(self.model_name):
             raise SystemExit(
                 f"setting MODEL_NAME={self.model_name!r}: use up to 64 letters, digits, '.', '_' or '-', "

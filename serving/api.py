@@ -22,8 +22,7 @@ def predict() -> Response:
     model = resolve(upload.options.get("model"), upload.options.get("version"))
     info = model.info
     top_k = parse_top_k(upload.options.get("top_k"), t.settings.top_k, info.num_classes)
-    asked = upload.options.get("timeout_ms"), request.headers.get(TIMEOUT_HEADER)
-    timeout_s = parse_timeout(*asked, t.settings.request_timeout_s)
+    timeout_s = parse_timeout(t.settings.request_timeout_s, upload.timeouts, request.headers.get(TIMEOUT_HEADER))
     deadline = arrived + timeout_s
     admit_early(model, 1, deadline, timeout_s)  # before decoding, the expensive part: refusals stay cheap
     (result,) = infer(model, [pixels_of(upload.image, info)], top_k, deadline, timeout_s)

@@ -37,6 +37,8 @@ def create_app(
         r, readers = connections.for_web_worker(settings.redis_url)
     app = Flask(__name__, static_folder=None)
     app.config["MAX_CONTENT_LENGTH"] = settings.max_upload_bytes
+    # A text field may be as large as the body (Flask's 500 KB default refused base64 images sent as one).
+    app.config["MAX_FORM_MEMORY_SIZE"] = settings.max_upload_bytes
     app.json.sort_keys = False  # keep "success" first, as the contract shows it
     clock = clock or RedisClock(r)
     inference = InferenceClient(r, Inbox(readers), clock, settings.queue_limit)

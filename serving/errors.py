@@ -33,6 +33,11 @@ def contract_shape(code: str, message: str) -> dict:
     return {"success": False, "error": {"code": code, "message": message}}
 
 
+def code_for(status: int, reason: str) -> str:
+    """The machine code of an HTTP error nothing named more precisely: its reason phrase, as "uri_too_long"."""
+    return "bad_request" if status == 400 else reason.lower().replace(" ", "_")
+
+
 def register(app: Flask, max_upload_mb: float, shapes: Mapping[str, Shape] | None = None) -> None:
     """Every error, whatever raised it, leaves the app as JSON, none as an HTML page: in the shape of
     `shapes` for a path under one of its prefixes, else in the contract's."""
@@ -51,11 +56,16 @@ def register(app: Flask, max_upload_mb: float, shapes: Mapping[str, Shape] | Non
 
     @app.errorhandler(RequestEntityTooLarge)
     def _too_large(_: RequestEntityTooLarge) -> Response:
-        return error_response(413, "too_large", f"the upload is over {max_upload_mb:g} MB; send a smaller image")
+        length = request.content_length
+        if length is not None and length <= app.config["MAX_CONTENT_LENGTH"]:  # within the limit: Flask's form limit
+            message = f"the form has more than {app.config['MAX_FORM_PARTS']:,} parts; send the image and the options"
+        else:
+            message = f"the upload is over {max_upload_mb:g} MB; send a smaller image"
+        return error_response(413, "too_large", message)
 
     @app.errorhandler(HTTPException)
     def _http_error(exc: HTTPException) -> Response:
-        code = "bad_request" if exc.code == 400 else (exc.name or "error").lower().replace(" ", "_")
+        code = code_for(exc.code or 400, exc.name or "error")
         headers = {k: v for k, v in exc.get_headers() if k.lower() != "content-type"}  # e.g. Allow on 405
         return error_response(exc.code or 400, code, exc.description or exc.name, headers)
 

@@ -9,13 +9,15 @@ URL and headers alone, whenever they already decide that the model it goes to is
 - the model version must follow without the body: the v2 URL names the model; /predict may name it
   in the body, so only while the catalog holds one model version, the one a request naming none gets
   (any other name or version in the body would be a 404);
-- the deadline is the longest the body could leave it: X-Request-Timeout-Ms or REQUEST_TIMEOUT_S (a
-  timeout in the body only ever shortens it, which refuses more);
+- the deadline is the longest the body could leave it: X-Request-Timeout-Ms, the query's timeout_ms or
+  REQUEST_TIMEOUT_S (a timeout in the body only ever shortens it, which refuses more);
 - one image (a v2 request may hold more, which refuses more).
 
-Whatever is not certain goes through to the app, which decides as before. A refused request is not
-checked for mistakes in its body or query: the client learns of them once the model has room. The
-server (gunicorn) discards the unread body before the connection's next request.
+What the URL and headers get wrong is the app's to answer, as at any other time: a query naming
+another model or version (404) or holding a bad option (400), a body declared empty (400) or over
+MAX_UPLOAD_MB (413). Whatever is not certain goes through to the app too. A refused request's body is
+not checked for mistakes: the client learns of them once the model has room. The server (gunicorn)
+discards the unread body before the connection's next request.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import re
 import time
 import uuid
 from collections.abc import Callable, Iterable
+from urllib.parse import parse_qsl
 
 import redis
 
@@ -32,7 +35,7 @@ from serving import v2
 from serving.errors import ApiError, Shape, contract_shape
 from serving.inference import Refused
 from serving.registry import ModelState
-from serving.upload import TIMEOUT_HEADER, parse_timeout, parse_version
+from serving.upload import TIMEOUT_HEADER, TIMEOUT_OPTION, parse_model, parse_timeout, parse_top_k, parse_version
 from serving.webtier import WebTier, authorized, finished
 
 _INFER = re.compile(rf"^{v2.PREFIX}/models/([^/]+)(?:/versions/([^/]+))?/infer$")
@@ -65,23 +68,43 @@ class Shedder:
 
     def _shed(self, environ: dict) -> tuple[str, ModelState, Shape, Refused] | None:
         """(route, model version, error shape, refusal) of a request its URL and headers refuse; None otherwise."""
-        target = self._target(environ.get("PATH_INFO", ""))
-        settings = self.parts.settings
+        settings, path = self.parts.settings, environ.get("PATH_INFO", "")
+        query = _query(environ) if path == "/predict" else {}  # the protocol's routes take nothing from it
+        target = self._target(path, query)
         if target is None or not authorized(environ.get("HTTP_AUTHORIZATION"), settings.api_keys):
             return None  # the app answers, a 401 included
+        if not _sized_within(environ, settings.max_upload_bytes):
+            return None
         route, model, shape = target
-        timeout_s = parse_timeout(None, environ.get(_HEADER), settings.request_timeout_s)
+        timeout_s = parse_timeout(settings.request_timeout_s, [query.get(TIMEOUT_OPTION)], environ.get(_HEADER))
         refusal = self.parts.inference.overloaded(model, 1, self.parts.clock.now() + timeout_s)
         return (route, model, shape, refusal) if refusal else None
 
-    def _target(self, path: str) -> tuple[str, ModelState, Shape] | None:
-        """(route, the model version a request goes to, its error shape), when the URL alone decides it."""
+    def _target(self, path: str, query: dict[str, str]) -> tuple[str, ModelState, Shape] | None:
+        """(route, the model version a request goes to, its error shape), when the URL alone decides it.
+
+        Raises what the app's own parsing does for a query it would refuse (ApiError, LookupError)."""
         if path == "/predict":
-            states = self.parts.catalog.states()
-            if len(states) == 1 and self.parts.catalog.resolve(None, None) is states[0]:
-                return "/predict", states[0], contract_shape
+            states, catalog = self.parts.catalog.states(), self.parts.catalog
+            if len(states) == 1 and states[0].info:
+                chosen = catalog.resolve(parse_model(query.get("model")), parse_version(query.get("version")))
+                parse_top_k(query.get("top_k"), self.parts.settings.top_k, states[0].info.num_classes)
+                return ("/predict", states[0], contract_shape) if chosen is states[0] else None
         elif match := _INFER.match(path):
             name, version = match.groups()
             route = f"{v2.PREFIX}/models/<name>{'/versions/<version>' if version else ''}/infer"
             return route, self.parts.catalog.resolve(name, parse_version(version)), v2.error_shape
         return None
+
+
+def _query(environ: dict) -> dict[str, str]:
+    """The query string's parameters, the first of each name as Flask's request.args.get gives it."""
+    return dict(reversed(parse_qsl(environ.get("QUERY_STRING", ""), keep_blank_values=True)))
+
+
+def _sized_within(environ: dict, max_bytes: int) -> bool:
+    """Whether the headers leave the body non-empty and within max_bytes (a chunked one's shows only as it is read)."""
+    if "chunked" in environ.get("HTTP_TRANSFER_ENCODING", "").lower():
+        return True
+    length = environ.get("CONTENT_LENGTH", "")
+    return length.isdigit() and 0 < int(length) <= max_bytes

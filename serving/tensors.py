@@ -71,7 +71,8 @@ def read_request(body: bytes, header_length: str | None) -> InferenceRequest:
     if request_id is not None and not isinstance(request_id, str):
         raise BadTensor('"id" must be a string')
     inputs = _inputs(message.get("inputs"), binary)
-    outputs = [_requested_output(raw) for raw in _list(message.get("outputs", []), '"outputs"')]
+    outputs = message.get("outputs")  # absent or null: the default output
+    outputs = [_requested_output(raw) for raw in _list([] if outputs is None else outputs, '"outputs"')]
     binary_output = _flag(_parameters(message), "binary_data_output", "the request")
     return InferenceRequest(request_id, inputs, outputs, bool(binary_output))
 
@@ -120,8 +121,10 @@ def _inputs(raw: object, binary: bytes) -> list[Input]:
 
 def _input(tensor: dict, chunk: bytes | None) -> Input:
     name, datatype = tensor.get("name"), tensor.get("datatype")
-    if not isinstance(name, str) or datatype not in ("BYTES", "UINT8"):
-        raise BadTensor(f'each input needs a "name" and a datatype of BYTES or UINT8, not {datatype!r:.40}')
+    if not isinstance(name, str):
+        raise BadTensor(f'each input needs a "name" string, not {name!r:.40}')
+    if datatype not in ("BYTES", "UINT8"):
+        raise BadTensor(f'input {name!r:.40} needs a "datatype" of BYTES or UINT8, not {datatype!r:.40}')
     shape = _shape(tensor.get("shape"), name)
     if chunk is None and "data" not in tensor:
         raise BadTensor(f'input {name!r} has neither "data" nor binary data')
@@ -202,7 +205,9 @@ def _binary_size(tensor: object) -> int | None:
 
 
 def _parameters(message: dict) -> dict:
-    parameters = message.get("parameters", {})
+    parameters = message.get("parameters")
+    if parameters is None:  # absent or null
+        return {}
     if not isinstance(parameters, dict):
         raise BadTensor('"parameters" must be a JSON object')
     return parameters

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import base64
 import binascii
+import zlib
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 from flask import Request
@@ -11,23 +13,27 @@ from werkzeug.exceptions import RequestEntityTooLarge
 from werkzeug.wsgi import LimitedStream
 
 from serving.errors import ApiError
+from settings import MAX_MODEL_VERSION
 
 _HOW = (
     "send the image as multipart form field 'image' (curl -F image=@photo.jpg ...) "
     'or as JSON {"image": "<base64 of the image file>"}'
 )
-# More digits than any class count or version; int() on thousands of digits raises (Python's DoS limit).
-_MAX_DIGITS = 9
 # What a request may set besides the image, each as a JSON key, a form field or in the query string.
-OPTIONS = ("top_k", "model", "version", "timeout_ms")
+OPTIONS = ("top_k", "model", "version")
+# ... and its timeout, which may also come as the header below; the longest a request may ask for.
+TIMEOUT_OPTION, MAX_TIMEOUT_MS = "timeout_ms", 999_999_999
 # timeout_ms may come as this header too, for clients that set a deadline on every call the same way.
 TIMEOUT_HEADER = "X-Request-Timeout-Ms"
+# Compressed bodies a client may send (tritonclient's request_compression_algorithm): zlib's window bits for each.
+_CONTENT_ENCODINGS = {"gzip": 16 + zlib.MAX_WBITS, "x-gzip": 16 + zlib.MAX_WBITS, "deflate": zlib.MAX_WBITS}
 
 
 @dataclass(frozen=True)
 class Upload:
     image: bytes
     options: dict[str, object]  # the OPTIONS the request gave, as given (JSON values or strings)
+    timeouts: tuple[object, ...]  # timeout_ms from the body and the query string, as given
 
 
 def read_image(request: Request) -> Upload:
@@ -36,19 +42,23 @@ def read_image(request: Request) -> Upload:
         return _from_json(request)
     upload = request.files.get("image")
     if upload is None:
+        read_body(request)  # too large is a 413 whatever the body is: Werkzeug reads no chunked body but a form
         raise ApiError(400, "missing_image", f"{_HOW}; {_what_came(request)}")
     data = upload.read()
     if not data:  # also what a browser form sends when no file was chosen
         raise ApiError(400, "missing_image", f"the file in field 'image' is empty; {_HOW}")
-    return Upload(data, _options(request.form, request.args))
+    return _upload(data, request.form, request.args)
 
 
-def _options(*sources: object) -> dict[str, object]:
-    """Each option from the first source that has it (the body before the query string)."""
-    found: dict[str, object] = {}
-    for source in reversed(sources):
-        found.update({name: source[name] for name in OPTIONS if name in source and source[name] is not None})
-    return found
+def _upload(image: bytes, body: Mapping, query: Mapping) -> Upload:
+    """The image with its options, each from the body where given there, else from the query string (null or
+    empty is not given); timeout_ms from both, since a deadline only ever shortens."""
+    options: dict[str, object] = {}
+    for name in OPTIONS:
+        given = [value for value in (body.get(name), query.get(name)) if value not in (None, "")]
+        if given:
+            options[name] = given[0]
+    return Upload(image, options, (body.get(TIMEOUT_OPTION), query.get(TIMEOUT_OPTION)))
 
 
 def _what_came(request: Request) -> str:
@@ -62,10 +72,27 @@ def _what_came(request: Request) -> str:
 
 
 def read_body(request: Request) -> bytes:
-    """The whole body, read and cached (so a cut-off one is caught before parsing), or 413 when over the limit."""
+    """The whole body, read and cached (so a cut-off one is caught before parsing) and decompressed as its
+    Content-Encoding says, or 413 when over the limit, compressed or not."""
     data = request.get_data()
     _refuse_cut_off_body(request)
-    return data
+    encoding = request.headers.get("Content-Encoding", "identity").strip().lower()
+    return data if encoding in ("", "identity") else _decompressed(data, encoding, request.max_content_length)
+
+
+def _decompressed(data: bytes, encoding: str, limit: int | None) -> bytes:
+    if encoding not in _CONTENT_ENCODINGS:
+        raise ApiError(400, "bad_request", f"Content-Encoding {encoding!r:.40} is not taken: send gzip, deflate, none")
+    decompressor = zlib.decompressobj(_CONTENT_ENCODINGS[encoding])
+    try:  # at most one byte past the limit, so that no zip bomb fills the memory
+        plain = decompressor.decompress(data, 0 if limit is None else limit + 1)
+    except zlib.error:
+        raise ApiError(400, "bad_request", f"the body is not valid {encoding} data") from None
+    if limit is not None and len(plain) > limit:
+        raise RequestEntityTooLarge()
+    if not decompressor.eof:
+        raise ApiError(400, "bad_request", f"the body's {encoding} data is cut off")
+    return plain
 
 
 def _from_json(request: Request) -> Upload:
@@ -83,7 +110,7 @@ def _from_json(request: Request) -> Upload:
         )
     if not isinstance(encoded, str):
         raise ApiError(400, "bad_request", '"image" must be a string holding the base64 of the image file')
-    return Upload(b64decode(encoded), _options(body, request.args))
+    return _upload(b64decode(encoded), body, request.args)
 
 
 def _refuse_cut_off_body(request: Request) -> None:
@@ -125,23 +152,24 @@ def parse_version(raw: object) -> int | None:
     """The model version asked for; None for "the highest with a live model server"."""
     if raw is None or raw == "":
         return None
-    return whole_number(raw, "version", 1, 10**_MAX_DIGITS - 1)
+    return whole_number(raw, "version", 1, MAX_MODEL_VERSION)
 
 
-def parse_timeout(raw_option: object, raw_header: str | None, cap_s: float) -> float:
-    """The request's timeout in seconds: the shortest of timeout_ms, the header and cap_s (REQUEST_TIMEOUT_S,
-    which a request may shorten, never lengthen)."""
-    given = [(raw_option, "timeout_ms"), (raw_header, TIMEOUT_HEADER)]
-    asked = [whole_number(raw, name, 1, 10**_MAX_DIGITS - 1) / 1000 for raw, name in given if raw not in (None, "")]
+def parse_timeout(cap_s: float, options: Iterable[object] = (), header: str | None = None) -> float:
+    """The request's timeout in seconds: the shortest of every timeout_ms it gives, its header's and cap_s
+    (REQUEST_TIMEOUT_S, which a request may shorten, never lengthen)."""
+    given = [*((raw, TIMEOUT_OPTION) for raw in options), (header, TIMEOUT_HEADER)]
+    asked = [whole_number(raw, name, 1, MAX_TIMEOUT_MS) / 1000 for raw, name in given if raw not in (None, "")]
     return min([cap_s, *asked])
 
 
 def parse_model(raw: object) -> str | None:
+    """The model's name exactly as given (names are case-sensitive and hold no spaces); None for none."""
     if raw is None or raw == "":
         return None
     if not isinstance(raw, str):
         raise ApiError(400, "bad_request", f"model must be a model's name, not {raw!r:.40}")
-    return raw.strip()
+    return raw
 
 
 def whole_number(raw: object, name: str, low: int, high: int) -> int:
@@ -150,7 +178,7 @@ def whole_number(raw: object, name: str, low: int, high: int) -> int:
     if isinstance(raw, int) and not isinstance(raw, bool):  # JSON true is an int to Python
         value = raw
     elif isinstance(raw, str) and raw.strip().isascii() and raw.strip().isdigit():  # not "²" or "٣"
-        if len(raw.strip()) > _MAX_DIGITS:
+        if len(raw.strip()) > len(str(high)):  # int() of thousands of digits raises (Python's DoS limit)
             raise wrong
         value = int(raw)
     else:

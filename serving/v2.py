@@ -83,7 +83,7 @@ def model_ready(name: str, version: str | None = None) -> Response:
 def model_infer(name: str, version: str | None = None) -> Response:
     t = tier()
     # The protocol has no timeout of its own here: the header /predict takes may shorten REQUEST_TIMEOUT_S.
-    timeout_s = parse_timeout(None, request.headers.get(TIMEOUT_HEADER), t.settings.request_timeout_s)
+    timeout_s = parse_timeout(t.settings.request_timeout_s, header=request.headers.get(TIMEOUT_HEADER))
     deadline = t.clock.now() + timeout_s  # from arrival: decoding counts too
     model = resolve(name, version)  # the URL first: an unknown model is a 404 whatever the body holds
     body = _read(read_body(request), request.headers.get(tensors.HEADER_LENGTH))
@@ -93,7 +93,8 @@ def model_infer(name: str, version: str | None = None) -> Response:
     pixels = _pixels(tensor, model.info, deadline)
     results = infer(model, pixels, wanted.classification or None, deadline, timeout_s)
     output = _classes(results, model.info) if wanted.classification else _probabilities(results)
-    header = {"model_name": model.keys.name, "model_version": str(model.keys.version), "id": body.id or g.request_id}
+    request_id = g.request_id if body.id is None else body.id  # echoed as given, "" too
+    header = {"model_name": model.keys.name, "model_version": str(model.keys.version), "id": request_id}
     payload, headers = tensors.write_response(header, [(output, bool(wanted.binary))])
     return Response(payload, headers=headers)
 

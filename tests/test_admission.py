@@ -381,3 +381,39 @@ def test_what_only_the_body_decides_is_left_to_the_app(r, make_app):
     assert elsewhere.status_code == 504 and elsewhere.json["error"]["code"] == "timeout"
     assert here.status_code == 503 and here.json["error"]["code"] == "overloaded"  # through the app
     assert unknown.status_code == 404 and "no model named 'nothing'" in unknown.json["error"]
+
+
+@pytest.mark.parametrize(
+    ("query", "status", "code"),
+    [
+        ("?model=nothing", 404, "unknown_model"),
+        ("?version=7", 404, "unknown_model"),
+        ("?top_k=many", 400, "bad_request"),
+        ("?timeout_ms=soon", 400, "bad_request"),
+    ],
+)
+def test_what_the_query_gets_wrong_is_the_apps_answer_also_under_overload(r, make_app, query, status, code):
+    client = overloaded_app(r, make_app).test_client()
+
+    response, _ = post_unread(client, f"/predict{query}")
+
+    assert (response.status_code, response.json["error"]["code"]) == (status, code)
+
+
+def test_a_query_the_app_would_serve_is_refused_unread_with_its_own_shorter_deadline(r, make_app):
+    client = overloaded_app(r, make_app).test_client()
+
+    response, reads = post_unread(client, "/predict?model=digits&version=1&top_k=3&timeout_ms=9000")
+
+    assert (response.status_code, reads) == (503, 0)
+
+
+def test_a_body_its_headers_show_empty_or_too_large_is_the_apps_400_or_413_also_under_overload(r, make_app):
+    client = overloaded_app(r, make_app, max_upload_mb=0.001).test_client()  # 1,048 bytes
+    sent = {"content_type": "multipart/form-data; boundary=b0undary"}
+
+    empty = client.post("/predict", input_stream=io.BytesIO(b""), content_length=0, **sent)
+    large = client.post("/predict", input_stream=io.BytesIO(b"x" * 2000), content_length=2000, **sent)
+
+    assert (empty.status_code, empty.json["error"]["code"]) == (400, "missing_image")
+    assert (large.status_code, large.json["error"]["code"]) == (413, "too_large")

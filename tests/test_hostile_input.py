@@ -157,6 +157,50 @@ def test_a_text_field_named_image_gets_a_hint(r, served, client):
     assert "text field" in error["message"]
 
 
+def test_a_text_field_named_image_gets_the_hint_whatever_its_size(r, served, client):
+    """Flask refuses a text field over 500 KB by default, which read as "the upload is over 16 MB"."""
+    multipart_text = {"image": (None, "A" * 600_000)}  # what curl -F 'image=<file' sends
+
+    error = assert_rejected(r, served, send(client, files=multipart_text), 400, "missing_image")
+
+    assert "text field" in error["message"]
+
+
+def test_more_form_parts_than_flask_takes_is_a_413_that_says_so(r, served, client):
+    fields = {f"field{n}": "x" for n in range(1001)}
+
+    error = assert_rejected(r, served, send(client, files={"image": ("a.png", PNG)}, data=fields), 413, "too_large")
+
+    assert "parts" in error["message"]
+
+
+@pytest.mark.parametrize("model", [" digits", "digits ", "   ", "Digits"])
+def test_a_model_name_is_matched_exactly(r, served, client, model):
+    response = send(client, files={"image": ("a.png", PNG)}, data={"model": model})
+
+    assert "digits" in assert_rejected(r, served, response, 404, "unknown_model")["message"]
+
+
+def test_a_version_past_nine_digits_is_looked_up_not_refused_as_malformed(r, served, client):
+    """Date-like versions (MODEL_VERSION=2026120623) are valid settings, so requests may name them."""
+    response = send(client, files={"image": ("a.png", PNG)}, params={"version": "2026120623"})
+
+    assert "no version 2026120623" in assert_rejected(r, served, response, 404, "unknown_model")["message"]
+
+
+def test_the_body_gives_an_option_where_it_gives_one_else_the_query_does(served, client):
+    response = send(client, files={"image": ("a.png", PNG)}, data={"top_k": ""}, params={"top_k": "2"})
+
+    assert response.status_code == 200 and len(response.json["predictions"]) == 2
+
+
+@pytest.mark.parametrize(("query", "form"), [("1", "5000"), ("5000", "1")])
+def test_the_shortest_timeout_wins_wherever_it_is_given(served, client, query, form):
+    response = send(client, files={"image": ("a.png", PNG)}, data={"timeout_ms": form}, params={"timeout_ms": query})
+
+    assert (response.status_code, response.json["error"]["code"]) == (504, "timeout")
+
+
 # top_k: anything but a whole number from 1 to the number of classes (10 for digits) is refused.
 JUNK_TOP_K = ["abc", "\u00b2", "\u0663", "-1", "0", "11", "1e3", "1.5", "0x3", " ", "9" * 1000, "1" + "0" * 20]
 JUNK_JSON_TOP_K = [-1, 0, 11, 1e3, 1.5, 3.0, True, False, 10**30, float("inf"), [3], {"k": 3}, "abc", "\u00b2"]
@@ -237,6 +281,15 @@ def test_a_chunked_upload_over_the_limit_is_413(r, served, live_url):
     assert_rejected(r, served, response, 413, "too_large")
 
 
+@pytest.mark.parametrize("content_type", ["application/octet-stream", "application/x-www-form-urlencoded", None])
+def test_a_chunked_body_over_the_limit_is_413_whatever_its_type(r, served, live_url, content_type):
+    """Werkzeug reads no chunked body that is no form, and stops at the limit in a urlencoded one."""
+    headers = {"Content-Type": content_type} if content_type else {}
+    response = requests.post(f"{live_url}/predict", data=chunked(b"a" * (LIMIT + 1024)), headers=headers, timeout=60)
+
+    assert_rejected(r, served, response, 413, "too_large")
+
+
 def test_a_chunked_body_of_exactly_the_limit_is_served(served, live_url):
     """The other side of the check above: a body that ends right at the limit is not too large."""
     body = json.dumps({"image": base64.b64encode(PNG).decode()}).encode()
@@ -277,3 +330,4 @@ def test_valid_variants_are_served(served, client, case):
 def test_formats_outside_the_list_are_never_handed_to_pillow_plugins(name):
     with pytest.raises(images.InvalidImage, match="supported format"):
         images.decode((CORPUS / name).read_bytes(), 8, 8, 1)
+

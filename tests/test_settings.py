@@ -13,6 +13,7 @@ def test_each_field_comes_from_the_variable_of_its_name():
     assert (s.batch_size, s.request_timeout_s, s.api_keys) == (8, 2.5, frozenset({"a", "b"}))
     assert s.model_name == "colours"  # MODEL_NAME defaults from the file's name
     assert Settings.from_env({"MODEL": "digits", "BATCH_SIZE": " "}).batch_size == 32  # blank keeps the default
+    assert Settings.from_env({"MODEL_VERSION": "2026120623"}).model_version == 2026120623  # date-like versions
 
 
 @pytest.mark.parametrize(
@@ -23,6 +24,7 @@ def test_each_field_comes_from_the_variable_of_its_name():
         ({"REQUEST_TIMEOUT_S": "soon"}, "REQUEST_TIMEOUT_S='soon' must be a number"),
         ({"MODEL_NAME": "a b"}, "MODEL_NAME='a b'"),
         ({"LOG_FORMAT": "xml"}, "LOG_FORMAT='xml'"),
+        ({"MODEL_VERSION": "1" + "0" * 15}, "MODEL_VERSION=1000000000000000 must be at most 999,999,999,999,999"),
     ],
 )
 def test_a_value_that_cannot_work_stops_with_its_name(env, says):

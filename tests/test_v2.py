@@ -7,6 +7,7 @@ digits, and colours (another input shape). Answers are compared with the models 
 from __future__ import annotations
 
 import base64
+import gzip
 import json
 import pathlib
 import struct
@@ -105,6 +106,43 @@ def test_a_batch_of_image_files_gets_the_in_process_probabilities(client, model_
     assert (response["model_name"], response["model_version"], response["id"]) == ("digits", "1", "mine")
     assert ("parameters" in response["outputs"][0]) is binary  # binary_data_size, for binary data
     assert len(model_servers.computed) == 12  # one job per image
+
+
+@pytest.mark.parametrize("algorithm", ["gzip", "deflate"])
+def test_a_compressed_request_as_the_stock_client_sends_it(client, digits, batch, algorithm):
+    pixels, files = batch
+
+    result = client.infer("digits", [image_input(files[:3])], request_compression_algorithm=algorithm)
+
+    np.testing.assert_allclose(result.as_numpy("probabilities"), digits.predict(pixels[:3]), atol=1e-5)
+
+
+def test_a_body_that_is_not_what_its_content_encoding_says_or_unpacks_too_large_is_refused(url, model_servers):
+    body = json.dumps({"inputs": [image_tensor([b"x"])]}).encode()
+    bomb = gzip.compress(b" " * (17 * 1024 * 1024))  # JSON whitespace past MAX_UPLOAD_MB (16): 17 KB packed
+
+    def sent(data: bytes, encoding: str) -> requests.Response:
+        return requests.post(f"{url}/v2/models/digits/infer", data=data, headers={"Content-Encoding": encoding})
+
+    assert "not valid gzip" in protocol_error(sent(body, "gzip"), 400)
+    assert "cut off" in protocol_error(sent(gzip.compress(body)[:-12], "gzip"), 400)
+    assert "not taken" in protocol_error(sent(body, "br"), 400)
+    protocol_error(sent(bomb, "gzip"), 413)
+    assert model_servers.computed == []
+
+
+def test_the_request_id_is_echoed_as_given_and_null_means_absent(url, batch):
+    body = {"id": "", "inputs": [image_tensor(batch[1][:1])], "outputs": None, "parameters": None}
+
+    response = post(url, "digits/infer", body)
+
+    assert response.status_code == 200 and response.json()["id"] == ""
+
+
+@pytest.mark.parametrize("path", ["%20/infer", "digits%20/infer", "%20", "Digits/ready"])
+def test_a_model_name_is_matched_exactly(url, path):
+    method = "POST" if path.endswith("/infer") else "GET"
+    assert "digits" in protocol_error(requests.request(method, f"{url}/v2/models/{path}", json={}, timeout=10), 404)
 
 
 @pytest.mark.parametrize("binary", [True, False], ids=["binary", "json"])
@@ -209,6 +247,7 @@ def image_tensor(files: list[bytes]) -> dict:
         ),
         ({"inputs": [image_tensor([b"not an image"])]}, "image 0"),
         ({"id": 5, "inputs": []}, '"id"'),
+        ({"inputs": [{"name": 5, "datatype": "BYTES", "shape": [1], "data": ["AAAA"]}]}, '"name" string, not 5'),
     ],
 )
 def test_client_mistakes_are_400s_that_say_what_to_send(url, model_servers, body, says):
