@@ -1,4 +1,5 @@
-"""gunicorn's gevent worker, accepting every pending connection at once instead of one per turn of its loop.
+"""gunicorn's gevent worker, accepting every pending connection at once instead of one per turn of its loop,
+and answering a request it cannot parse in the contract's JSON.
 
 With more than one worker, gunicorn has each accept one connection per turn of the event loop, so
 that the workers share them out. A busy worker's loop turns only once all its ready requests have
@@ -6,13 +7,19 @@ had their go, so under load it accepted about 40 connections a second: clients q
 in the kernel's backlog, where neither the server's latency figures nor its admission could see
 them, and connections past the backlog were dropped. Accepting all that are pending moves that
 wait into the worker, which holds any number of waiting requests for a greenlet each.
+
+A request gunicorn itself refuses (a request line or headers over its limits, a malformed request)
+never reaches the app; gunicorn answers it through util.write_error, with an HTML page by default.
 """
 
 from __future__ import annotations
 
+import json
+import socket
 from functools import partial
 
 from gevent.server import StreamServer
+from gunicorn import util
 from gunicorn.workers.ggevent import GeventWorker
 
 # Connections one worker accepts in one turn of its loop, at about 10 µs each.
@@ -26,3 +33,16 @@ class Worker(GeventWorker):
         server = StreamServer(listener, handle=partial(self.handle, listener), spawn=spawn, **ssl)
         server.max_accept = ACCEPT_AT_ONCE
         return server
+
+
+def json_error(sock: socket.socket, status_int: int, reason: str, mesg: str) -> None:
+    """gunicorn's util.write_error, answering in the contract's JSON: clients parse every error alike."""
+    # Imported here: gunicorn loads this module before gevent patches ssl, which serving.errors imports (redis).
+    from serving.errors import code_for, contract_shape
+
+    body = json.dumps(contract_shape(code_for(status_int, reason), mesg)).encode()
+    head = f"HTTP/1.1 {status_int} {reason}\r\nConnection: close\r\nContent-Type: application/json\r\n"
+    util.write_nonblock(sock, f"{head}Content-Length: {len(body)}\r\n\r\n".encode("latin-1") + body)
+
+
+util.write_error = json_error  # gunicorn's workers call it through the module, so this is the one they use

@@ -12,6 +12,7 @@ from __future__ import annotations
 import base64
 import json
 import pathlib
+import socket
 from collections.abc import Iterator
 
 import numpy as np
@@ -331,3 +332,37 @@ def test_formats_outside_the_list_are_never_handed_to_pillow_plugins(name):
     with pytest.raises(images.InvalidImage, match="supported format"):
         images.decode((CORPUS / name).read_bytes(), 8, 8, 1)
 
+
+# What gunicorn refuses before the app sees it: a real web server process.
+
+
+@pytest.mark.processes
+def test_requests_gunicorn_cannot_parse_get_the_contracts_json_too(make_stack):
+    url = make_stack().web_server()
+    host, port = url.removeprefix("http://").split(":")
+    both_lengths = b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Length: 4\r\nTransfer-Encoding: chunked\r\n\r\n"
+
+    answers = [
+        requests.get(f"{url}/models?model={'x' * 5000}", timeout=10),
+        requests.post(f"{url}/predict", headers={"X-Request-Timeout-Ms": "1" * 9000}, timeout=10),
+        raw_answer(host, int(port), both_lengths),
+    ]
+
+    assert [a.status_code for a in answers] == [414, 431, 400]
+    for answer, code in zip(answers, ["uri_too_long", "request_header_fields_too_large", "bad_request"], strict=True):
+        assert answer.headers["Content-Type"] == "application/json"
+        assert answer.json()["success"] is False and answer.json()["error"]["code"] == code
+        assert answer.json()["error"]["message"]
+
+
+def raw_answer(host: str, port: int, request: bytes) -> requests.Response:
+    """The answer to bytes no HTTP client library would send, parsed as `requests` would."""
+    with socket.create_connection((host, port), timeout=10) as sock:
+        sock.sendall(request)
+        head, _, body = sock.makefile("rb").read().partition(b"\r\n\r\n")
+    status_line, *lines = head.decode("latin-1").split("\r\n")
+    response = requests.Response()
+    response.status_code = int(status_line.split()[1])
+    response.headers.update(dict(line.split(": ", 1) for line in lines))
+    response._content = body
+    return response
