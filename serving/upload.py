@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import json
 import zlib
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -15,10 +16,8 @@ from werkzeug.wsgi import LimitedStream
 from serving.errors import ApiError
 from settings import MAX_MODEL_VERSION
 
-_HOW = (
-    "send the image as multipart form field 'image' (curl -F image=@photo.jpg ...) "
-    'or as JSON {"image": "<base64 of the image file>"}'
-)
+_JSON_SHAPE = '{"image": "<base64 of the image file>"}'
+_HOW = f"send the image as multipart form field 'image' (curl -F image=@photo.jpg ...) or as JSON {_JSON_SHAPE}"
 # What a request may set besides the image, each as a JSON key, a form field or in the query string.
 OPTIONS = ("top_k", "model", "version")
 # ... and its timeout, which may also come as the header below; the longest a request may ask for.
@@ -96,18 +95,15 @@ def _decompressed(data: bytes, encoding: str, limit: int | None) -> bytes:
 
 
 def _from_json(request: Request) -> Upload:
-    read_body(request)
     try:
-        body = request.get_json(silent=True)  # None for invalid JSON or UTF-8
-    except RecursionError:  # deeply nested arrays: not a ValueError, so silent=True lets it out
-        body = None
+        body = json.loads(read_body(request))  # decompressed, so not request.get_json()
+    except (ValueError, RecursionError) as exc:  # also bad UTF-8, an int of 5,000 digits, arrays nested deeply
+        raise ApiError(400, "bad_request", f'the body is not valid JSON ({exc!s:.100}): {_JSON_SHAPE}') from None
     if not isinstance(body, dict):
-        raise ApiError(400, "bad_request", 'the JSON body must be an object: {"image": "<base64 of the image file>"}')
+        raise ApiError(400, "bad_request", f"the JSON body must be an object: {_JSON_SHAPE}")
     encoded = body.get("image")
     if encoded in (None, ""):
-        raise ApiError(
-            400, "missing_image", 'the JSON body has no "image": send {"image": "<base64 of the image file>"}'
-        )
+        raise ApiError(400, "missing_image", f'the JSON body has no "image": send {_JSON_SHAPE}')
     if not isinstance(encoded, str):
         raise ApiError(400, "bad_request", '"image" must be a string holding the base64 of the image file')
     return _upload(b64decode(encoded), body, request.args)

@@ -10,6 +10,7 @@ need a real HTTP server.
 from __future__ import annotations
 
 import base64
+import gzip
 import json
 import pathlib
 import socket
@@ -227,6 +228,15 @@ def test_a_5000_digit_top_k_is_refused(r, served, client):
     assert_rejected(r, served, response, 400, "bad_request")
 
 
+def test_json_python_cannot_read_says_it_is_not_valid_json(r, served, client):
+    """A number of 5,000 digits is JSON, but past Python's limit on reading integers."""
+    body = '{"image": "' + base64.b64encode(PNG).decode() + '", "top_k": ' + "9" * 5000 + "}"
+
+    error = assert_rejected(r, served, send(client, data=body, headers=JSON), 400, "bad_request")
+
+    assert "not valid JSON" in error["message"]
+
+
 @pytest.mark.parametrize("top_k", JUNK_JSON_TOP_K, ids=lambda v: repr(v)[:12])
 def test_junk_top_k_in_json(r, served, client, top_k):
     body = json.dumps({"image": base64.b64encode(PNG).decode(), "top_k": top_k})  # inf: Python writes Infinity
@@ -312,6 +322,10 @@ VALID = {
     "top_k with spaces": dict(files={"image": ("a.png", PNG)}, data={"top_k": " 2 "}),
     "top_k 1 in the query": dict(files={"image": ("a.png", PNG)}, params={"top_k": "1"}),
     "empty top_k means the default": dict(files={"image": ("a.png", PNG)}, data={"top_k": ""}),
+    "gzip JSON": dict(
+        data=gzip.compress(json.dumps({"image": base64.b64encode(PNG).decode()}).encode()),
+        headers={"Content-Type": "application/json", "Content-Encoding": "gzip"},
+    ),
     "application/*+json": dict(
         data=json.dumps({"image": base64.b64encode(PNG).decode()}), headers={"Content-Type": "application/x+json"}
     ),
