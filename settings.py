@@ -8,14 +8,17 @@ one and why its default is what it is.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import pathlib
 import re
+import urllib.parse
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 # Model names go into Redis keys and URLs: letters, digits, and . _ - after the first character.
 MODEL_NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 # Below 2**53, so that every JSON client reads a version exactly; room for date-like versions (20261206).
 MAX_MODEL_VERSION = 10**15 - 1
 
@@ -57,7 +60,7 @@ class Settings:
     top_k: int = _setting(5, minimum=1)  # TOP_K
     max_upload_mb: float = _setting(16.0, minimum=0.001)  # MAX_UPLOAD_MB
 
-    port: int = _setting(5000, minimum=1)  # PORT
+    port: int = _setting(5000, minimum=1, maximum=65535)  # PORT
     web_workers: int = _setting(2, minimum=1)  # WEB_WORKERS
 
     # Comma-separated bearer keys; empty means the API is open.
@@ -96,10 +99,16 @@ class Settings:
         """SystemExit with the setting's name when a value cannot work."""
         for f in dataclasses.fields(self):
             value, minimum, maximum = getattr(self, f.name), f.metadata.get("minimum"), f.metadata.get("maximum")
+            if isinstance(value, float) and not math.isfinite(value):  # nan passes every comparison below
+                raise SystemExit(f"setting {f.name.upper()}={value} must be a finite number")
             if minimum is not None and value < minimum:
                 raise SystemExit(f"setting {f.name.upper()}={value} must be at least {minimum:g}")
             if maximum is not None and value > maximum:
                 raise SystemExit(f"setting {f.name.upper()}={value} must be at most {maximum:,}")
+        if problem := redis_url_problem(self.redis_url):
+            raise SystemExit(f"setting REDIS_URL={self.redis_url!r} {problem}: e.g. redis://:password@host:6379/0")
+        if self.log_level not in LOG_LEVELS:
+            raise SystemExit(f"setting LOG_LEVEL={self.log_level!r} must be one of {', '.join(LOG_LEVELS)}")
         if not MODEL_NAME_PATTERN.fullmatch(self.model_name):
             raise SystemExit(
                 f"setting MODEL_NAME={self.model_name!r}: use up to 64 letters, digits, '.', '_' or '-', "
@@ -120,6 +129,22 @@ class Settings:
     @property
     def max_upload_bytes(self) -> int:
         return int(self.max_upload_mb * 1024 * 1024)
+
+
+def redis_url_problem(url: str) -> str | None:
+    """What keeps redis-py from reading `url`, in words; None when nothing does."""
+    parts = urllib.parse.urlsplit(url)
+    if parts.scheme not in ("redis", "rediss", "unix"):
+        return "must start with redis://, rediss:// or unix://"
+    try:
+        parts.port  # noqa: B018 (reading it checks it)
+    except ValueError:
+        return "has a port that is not a number from 0 to 65535"
+    if parts.scheme != "unix" and not parts.hostname:
+        return "names no host"
+    if parts.scheme != "unix" and not (parts.path.strip("/") or "0").isdigit():
+        return "has a database that is not a number"
+    return None
 
 
 def default_model_name(model: str) -> str:

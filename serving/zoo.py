@@ -132,7 +132,10 @@ def _imagenet_labels() -> list[str]:
 def _file_labels(path: str, num_classes: int) -> list[str]:
     if not path:
         return [str(i) for i in range(num_classes)]
-    names = [line.strip() for line in pathlib.Path(path).read_text().splitlines() if line.strip()]
+    try:
+        names = [line.strip() for line in pathlib.Path(path).read_text().splitlines() if line.strip()]
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ModelUnavailable(f"LABELS={path} cannot be read as text: {exc}") from None
     if len(names) != num_classes:
         raise ModelUnavailable(f"LABELS={path} has {len(names)} names but the model has {num_classes} classes")
     return names

@@ -218,3 +218,11 @@ def test_models_of_the_same_name_keep_their_versions_apart_in_redis(model_server
     assert published == {1: 1, 2: 2}
     members = sorted(m.decode() for m in r.zrange(wire.MODELS, 0, -1))
     assert members == ["digits:1", "digits:2"]
+
+
+@pytest.mark.parametrize("labels", ["/nonexistent/labels.txt", "/"])
+def test_a_labels_file_that_cannot_be_read_is_a_message_not_a_traceback(colours_file, labels):
+    model, _ = colours_file
+
+    with pytest.raises(zoo.ModelUnavailable, match=f"LABELS={labels} cannot be read"):
+        zoo.load(str(model), labels=labels)

@@ -25,6 +25,14 @@ def test_each_field_comes_from_the_variable_of_its_name():
         ({"MODEL_NAME": "a b"}, "MODEL_NAME='a b'"),
         ({"LOG_FORMAT": "xml"}, "LOG_FORMAT='xml'"),
         ({"MODEL_VERSION": "1" + "0" * 15}, "MODEL_VERSION=1000000000000000 must be at most 999,999,999,999,999"),
+        ({"REQUEST_TIMEOUT_S": "nan"}, "REQUEST_TIMEOUT_S=nan must be a finite number"),
+        ({"MAX_UPLOAD_MB": "inf"}, "MAX_UPLOAD_MB=inf must be a finite number"),
+        ({"PORT": "70000"}, "PORT=70000 must be at most 65,535"),
+        ({"LOG_LEVEL": "loud"}, "LOG_LEVEL='LOUD' must be one of DEBUG"),
+        ({"REDIS_URL": "localhost:6379"}, "REDIS_URL='localhost:6379' must start with redis://"),
+        ({"REDIS_URL": "redis://localhost:abc/0"}, "port that is not a number"),
+        ({"REDIS_URL": "redis://:secret@/0"}, "names no host"),
+        ({"REDIS_URL": "redis://localhost:6379/first"}, "database that is not a number"),
     ],
 )
 def test_a_value_that_cannot_work_stops_with_its_name(env, says):
