@@ -35,10 +35,10 @@ bench-model: $(VENV)/.test-deps
 bench-clients: $(VENV)/.test-deps
 	$(BIN)/python -m bench.clients
 
-$(VENV)/.run-deps: requirements.txt requirements-web.txt
+$(VENV)/.run-deps: requirements.txt requirements-web.txt requirements-load.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -r requirements.txt
+	$(BIN)/python -m pip install --quiet -r requirements.txt -r requirements-load.txt
 	touch $@
 
 $(VENV)/.test-deps: $(VENV)/.run-deps requirements-dev.txt
