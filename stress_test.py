@@ -91,15 +91,17 @@ load models:
 
 results:
   latency statistics are over every request that got an HTTP answer, whatever its
-  status; requests that got no answer (refused, reset, timed out) count as errors
-  under their exception name ("timeout" for every kind of timeout while waiting for
-  an answer, "connect_timeout" when the server did not take the connection in time),
-  non-200 answers under their status code; "error_codes" counts the same errors by
+  status; requests that got no answer (refused, reset, timed out, host not found)
+  count as errors under their exception name ("timeout" for every kind of timeout
+  while waiting for an answer, "connect_timeout" when the server did not take the
+  connection in time, "gaierror" when the host did not resolve), non-200 answers
+  under their status code; "error_codes" counts the same errors by
   the error code in the JSON body as well ("503 overloaded", "503 unavailable").
   Throughput is finished requests (ok or not) per second of run time. A warning
   on stderr says when this client may have been the bottleneck (it used
   most of a core, or sent late against its schedule).
-  Exit status: 0 if every request got 200, 1 otherwise, 2 on usage errors.
+  Exit status: 0 if every request got 200, 1 otherwise (or when --json or --plot
+  cannot be written), 2 on usage errors.
 """
 
 
@@ -178,6 +180,7 @@ def build_parser() -> argparse.ArgumentParser:
 class Target:
     addresses: list[Address]
     payloads: list[bytes]  # one complete HTTP request per image
+    unresolved: OSError | None = None  # why the host did not resolve; then there are no addresses
 
 
 def multipart_body(filename: str, data: bytes) -> tuple[bytes, str]:
@@ -220,25 +223,31 @@ def read_image(path: str) -> bytes:
 
 
 def resolve(url: str) -> list[Address]:
+    """The host's addresses; ValueError for a malformed URL, OSError (socket.gaierror) when it does not resolve."""
     parts = urlsplit(url)
     if parts.scheme != "http" or not parts.hostname:
         raise ValueError(f"--url must be an http:// URL with a host, not {url!r}")
     try:
         port = parts.port or 80
         infos = socket.getaddrinfo(parts.hostname, port, type=socket.SOCK_STREAM)
-    except (OSError, ValueError) as exc:
-        raise ValueError(f"cannot resolve {parts.netloc}: {exc}") from None
+    except ValueError as exc:  # a bad port, or a host name that cannot be encoded: the URL is wrong
+        raise ValueError(f"bad --url {parts.netloc}: {exc}") from None
     return [(family, address) for family, _, _, _, address in infos]
 
 
 def build_target(url: str, images: list[str]) -> Target:
     """Resolve the host and serialise one request per image; ValueError on bad input."""
-    addresses = resolve(url)
+    try:
+        addresses, unresolved = resolve(url), None
+    except OSError as exc:
+        # Not a usage error: the name may be right and DNS down. Like a refused connection, it fails
+        # every request, and the run still reports that.
+        addresses, unresolved = [], exc
     payloads = []
     for path in images:
         body, content_type = multipart_body(os.path.basename(path), read_image(path))
         payloads.append(http_post(url, body, content_type))
-    return Target(addresses, payloads)
+    return Target(addresses, payloads, unresolved)
 
 
 # ---------------------------------------------------------------------------
@@ -303,9 +312,10 @@ def error_code(body: bytes) -> str | None:
 class Connection:
     """One keep-alive HTTP/1.1 connection, (re)opened when needed."""
 
-    def __init__(self, addresses: list[Address], timeout: float) -> None:
+    def __init__(self, addresses: list[Address], timeout: float, unresolved: OSError | None = None) -> None:
         self._addresses = addresses
         self._timeout = timeout
+        self._unresolved = unresolved
         self._sock: socket.socket | None = None
         self._idle_since = 0.0
 
@@ -331,6 +341,9 @@ class Connection:
             if peer_closed(sock):
                 self.close()
         if self._sock is None:
+            if (error := self._unresolved) is not None:
+                # a new one each time: re-raising one instance would lengthen its traceback on every request
+                raise type(error)(*error.args)
             try:
                 self._sock = connect(self._addresses, self._timeout)
             except TimeoutError as exc:  # a full accept backlog, not a slow answer: told apart in the results
@@ -471,7 +484,7 @@ def exchange(post: Callable[[bytes], tuple[int, str | None]], request: bytes, ti
 
 def send_arrivals(arrivals: Iterable[tuple[int, float]], target: Target, timeout: float, rec: Recorder) -> None:
     """One client: for each arrival (request number, due time) send a request on one kept-alive connection."""
-    conn = Connection(target.addresses, timeout)
+    conn = Connection(target.addresses, timeout, target.unresolved)
     for index, due in arrivals:
         request = target.payloads[index % len(target.payloads)]  # round robin over the images
         # The timeout runs from the due time: an arrival that waited for a free client has used up some of it,
@@ -709,6 +722,22 @@ def format_summary(summary: dict[str, Any]) -> str:
     return "\n".join(f"{label:<{width}}  {value:>12}".rstrip() for label, value in rows)
 
 
+def write_json(summary: dict[str, Any], path: str) -> None:
+    with open(path, "w") as f:
+        json.dump(summary, f, indent=2)
+        f.write("\n")
+
+
+def save(write: Callable[[], None], path: str) -> bool:
+    """Run `write`; False, after one line on stderr, when `path` cannot be written."""
+    try:
+        write()
+    except OSError as exc:  # the summary is out already: a traceback would only bury it
+        print(f"stress_test.py: cannot write {path}: {exc.strerror or exc}", file=sys.stderr)
+        return False
+    return True
+
+
 def write_plot(rec: Recorder, path: str) -> None:
     import matplotlib  # only here: it is slow to import and only needed for --plot
 
@@ -811,6 +840,8 @@ def main(argv: list[str] | None = None) -> int:
         target = build_target(args.url, args.image)
     except ValueError as exc:
         parser.error(str(exc))
+    if target.unresolved is not None:
+        print(f"warning: cannot resolve {urlsplit(args.url).netloc}: {target.unresolved}", file=sys.stderr)
     if warning := files_warning(args, raise_open_files_limit()):
         print(warning, file=sys.stderr)
     rec = run(args, target)
@@ -818,13 +849,9 @@ def main(argv: list[str] | None = None) -> int:
     print(format_summary(summary))
     if warning := bottleneck_warning(summary):
         print(warning, file=sys.stderr)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(summary, f, indent=2)
-            f.write("\n")
-    if args.plot:
-        write_plot(rec, args.plot)
-    return 0 if summary["requests"] and summary["ok"] == summary["requests"] else 1
+    outputs = [(args.json, lambda: write_json(summary, args.json)), (args.plot, lambda: write_plot(rec, args.plot))]
+    saved = all([save(write, path) for path, write in outputs if path])  # a list: one failure does not skip the rest
+    return 0 if summary["requests"] and summary["ok"] == summary["requests"] and saved else 1
 
 
 if __name__ == "__main__":

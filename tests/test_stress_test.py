@@ -202,6 +202,31 @@ def test_no_server_gives_the_exception_name(tmp_path):
     check_plot(tmp_path)
 
 
+def test_a_host_that_does_not_resolve_fails_every_request(tmp_path):
+    # .invalid never resolves (RFC 6761): like a refused connection, a failure of each request, not a usage error
+    url = "http://nosuchhost.invalid/predict"
+    done, summary = stress(tmp_path, url, image(tmp_path, "x.jpg"), requests=3)
+    assert done.returncode == 1
+    # not check_consistent: failing at once, the run can end within the millisecond duration_s is rounded to
+    assert summary["requests"] == 3 and summary["ok"] == 0
+    assert summary["errors"] == summary["error_codes"] == {"gaierror": 3}
+    assert set(summary["latency_ms"].values()) == {None}  # nothing was answered
+    assert "gaierror" in done.stdout and "nosuchhost.invalid" in done.stderr  # the summary, and why
+    check_plot(tmp_path)
+
+
+def test_an_unwritable_json_path_is_one_line_of_error(tmp_path):
+    out = tmp_path / "no such directory" / "result.json"
+    with socket.socket() as unused:
+        unused.bind(("127.0.0.1", 0))  # refused: a run that ends at once
+        command = [sys.executable, str(STRESS_TEST), "--url", f"http://127.0.0.1:{unused.getsockname()[1]}/predict"]
+        command += ["--image", str(image(tmp_path, "x.jpg")), "--requests", "1", "--json", str(out)]
+        done = subprocess.run(command, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 1
+    assert "requests" in done.stdout  # the summary still came first
+    assert "Traceback" not in done.stderr and f"cannot write {out}" in done.stderr
+
+
 def test_timeout_ends_a_run_against_a_hung_server(upstream, tmp_path):
     hang = f"{upstream}/hang"
     done, summary = stress(tmp_path, hang, image(tmp_path, "x.jpg"), duration=0.5, rate=4, timeout=1)
