@@ -5,6 +5,7 @@ Not part of the served code (the Docker images do not carry it).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import pathlib
@@ -15,10 +16,19 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
+from urllib.parse import quote
 
 import redis
 
+from settings import Settings
+
 REPO = pathlib.Path(__file__).resolve().parent.parent
+# Every variable Settings reads (settings.py: each field's name in capitals).
+SETTINGS_VARIABLES = frozenset(f.name.upper() for f in dataclasses.fields(Settings))
+
+
+class RedisRefused(Exception):
+    """A Redis answers at the URL but will not let its client in: a wrong or missing password."""
 
 
 def free_port() -> int:
@@ -41,14 +51,35 @@ def wait_until(
 
 
 def redis_answers(url: str) -> bool:
+    """True if a Redis at `url` answers and lets us in; False if none answers (refused, timed out).
+
+    Raises RedisRefused if one answers but refuses us: the port is taken, so starting another cannot help.
+    """
     try:
-        return bool(redis.Redis.from_url(url, socket_connect_timeout=1).ping())
+        with redis.Redis.from_url(url, socket_connect_timeout=1) as client:
+            return bool(client.ping())
+    except (redis.AuthenticationError, redis.ResponseError) as exc:  # AuthenticationError is a ConnectionError
+        if isinstance(exc, redis.AuthenticationError) or str(exc).startswith(("NOAUTH", "WRONGPASS")):
+            raise RedisRefused(str(exc)) from exc
+        return False
     except redis.RedisError:
         return False
 
 
-def start_redis(port: int, password: str | None = None, bind: str = "127.0.0.1", hz: int = 10) -> subprocess.Popen:
-    """A throwaway redis-server that keeps nothing on disk; `hz` is how often it checks blocking timeouts."""
+def redis_url(port: int, password: str | None = None, host: str = "127.0.0.1") -> str:
+    """The URL of a Redis on this machine. The password is quoted because redis-py unquotes the URL's."""
+    auth = f":{quote(password, safe='')}@" if password else ""
+    return f"redis://{auth}{f'[{host}]' if ':' in host else host}:{port}/0"
+
+
+def start_redis(
+    port: int, password: str | None = None, bind: str = "127.0.0.1", hz: int = 10, url: str | None = None
+) -> subprocess.Popen:
+    """A throwaway redis-server that keeps nothing on disk; `hz` is how often it checks blocking timeouts.
+
+    Ready once a client gets in at `url` (by default the address it binds), the URL its clients will use.
+    If it does not get ready, it is stopped before the error is raised: a failed start leaves nothing running.
+    """
     server = shutil.which("redis-server")
     if server is None:
         raise FileNotFoundError(
@@ -59,18 +90,35 @@ def start_redis(port: int, password: str | None = None, bind: str = "127.0.0.1",
     if password:
         args += ["--requirepass", password]
     process = subprocess.Popen(args, stdout=subprocess.DEVNULL)
-    auth = f":{password}@" if password else ""
-    wait_until(lambda: redis_answers(f"redis://{auth}127.0.0.1:{port}/0"), 10, "redis-server", process)
+    ready_url = url or redis_url(port, password, bind)
+    try:
+        wait_until(lambda: redis_answers(ready_url), 10, "redis-server", process)
+    except BaseException:
+        stop(process, timeout_s=10)
+        raise
     return process
 
 
-def start_python(script: str, env: dict[str, str], log_path: pathlib.Path | None = None) -> subprocess.Popen:
-    """Run one of the repo's entry points with extra environment, its output to log_path."""
+def environ_without_settings() -> dict[str, str]:
+    """This environment less every setting: a test or benchmark stack gets only the settings it names, so
+    one the user exported (API_KEYS, TOP_K, ...) cannot change what it checks or measures."""
+    return {name: value for name, value in os.environ.items() if name not in SETTINGS_VARIABLES}
+
+
+def start_python(
+    script: str, env: dict[str, str], log_path: pathlib.Path | None = None, *, inherit_settings: bool = True
+) -> subprocess.Popen:
+    """Run one of the repo's entry points with extra environment, its output to log_path.
+
+    inherit_settings=False leaves out the settings exported here (environ_without_settings); `make run`
+    keeps them, since there settings pass through the environment.
+    """
     out = open(log_path, "wb") if log_path else None  # noqa: SIM115 (the child owns it)
+    base = os.environ if inherit_settings else environ_without_settings()
     return subprocess.Popen(
         [sys.executable, str(REPO / script)],
         cwd=REPO,
-        env={**os.environ, **env},
+        env={**base, **env},
         stdout=out,
         stderr=subprocess.STDOUT if out else None,
     )
@@ -106,8 +154,7 @@ class Stack:
         self.redis_port = free_port()
         self.redis_password = redis_password
         self.redis_process = start_redis(self.redis_port, redis_password)
-        auth = f":{redis_password}@" if redis_password else ""
-        self.redis_url = f"redis://{auth}127.0.0.1:{self.redis_port}/0"
+        self.redis_url = redis_url(self.redis_port, redis_password)
         # JSON logs: what a server did is read from their fields, never by matching text.
         self.env = {"REDIS_URL": self.redis_url, "MODEL": "digits", "LOG_FORMAT": "json", **env}
         self.processes: list[subprocess.Popen] = []
@@ -175,7 +222,8 @@ class Stack:
         stop(self.redis_process, timeout_s=10)
 
     def _start(self, script: str, log_path: pathlib.Path, env: dict[str, str]) -> subprocess.Popen:
-        process = start_python(script, {**self.env, **env}, log_path)
+        # The user's exported settings are left out: the stack runs with what the test or benchmark names.
+        process = start_python(script, {**self.env, **env}, log_path, inherit_settings=False)
         self.processes.append(process)
         return process
 

@@ -10,32 +10,74 @@ import signal
 import subprocess
 import sys
 import time
-from urllib.parse import urlparse
+from urllib.parse import unquote, urlparse
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
 
 from scripts import processes  # noqa: E402  (needs the repo on the path)
 from settings import Settings  # noqa: E402
 
+# The hosts of a REDIS_URL that name this machine, and the address a Redis started for it binds.
+# localhost binds IPv4, as before: redis-py tries each address localhost resolves to.
+LOCAL_HOSTS = {"localhost": "127.0.0.1", "127.0.0.1": "127.0.0.1", "::1": "::1"}
+
+
+def shown(url: str) -> str:
+    """The URL with its password hidden: these messages end up in terminals and CI logs."""
+    parts = urlparse(url)
+    if parts.password is None:
+        return url
+    userinfo, _, host = parts.netloc.rpartition("@")
+    return parts._replace(netloc=f"{userinfo.partition(':')[0]}:***@{host}").geturl()
+
+
+def redis_for(url: str) -> list[subprocess.Popen]:
+    """[] if a Redis answers at url, else [one started there]; exits if one answers but refuses us."""
+    try:
+        if processes.redis_answers(url):
+            return []
+    except processes.RedisRefused as exc:
+        # Something holds the port: starting another Redis there would fail, and is not what was asked.
+        missing = urlparse(url).password is None
+        reason = "it wants a password and REDIS_URL has none" if missing else "the password in REDIS_URL is wrong"
+        sys.exit(
+            f"A Redis answers at REDIS_URL={shown(url)} but refuses it: {reason} (Redis said: {exc}). "
+            "Put the password that Redis expects in REDIS_URL (redis://:password@host:port/0)."
+        )
+    return [local_redis(url)]
+
 
 def local_redis(url: str) -> subprocess.Popen:
     parts = urlparse(url)
-    if parts.hostname not in ("localhost", "127.0.0.1", "::1"):
-        sys.exit(f"No Redis answers at {url}: start it there, or unset REDIS_URL to run one here.")
-    print(f"no Redis answers at {url}: starting redis-server", flush=True)
+    bind = LOCAL_HOSTS.get(parts.hostname or "")
+    if bind is None:
+        sys.exit(f"No Redis answers at {shown(url)}: start it there, or unset REDIS_URL to run one here.")
+    print(f"no Redis answers at {shown(url)}: starting redis-server", flush=True)
+    # redis-py unquotes the URL's password (p%40ss is p@ss): the server must expect what clients send.
+    password = unquote(parts.password) if parts.password else None
     try:
-        return processes.start_redis(parts.port or 6379, parts.password)
+        return processes.start_redis(parts.port or 6379, password, bind, url=url)
     except FileNotFoundError as exc:
-        sys.exit(f"No Redis answers at {url}, and {exc}")
+        sys.exit(f"No Redis answers at {shown(url)}, and {exc}")
+    except processes.RedisRefused as exc:
+        sys.exit(
+            f"The redis-server started for REDIS_URL={shown(url)} refuses that URL ({exc}), and was stopped. "
+            "make run sets only a password (user 'default'); for other users, start that Redis yourself."
+        )
+    except (RuntimeError, TimeoutError) as exc:
+        sys.exit(f"No Redis answers at REDIS_URL={shown(url)}, and the redis-server started for it failed ({exc}).")
 
 
 def main() -> int:
     settings = Settings.from_env()
-    children = [] if processes.redis_answers(settings.redis_url) else [local_redis(settings.redis_url)]
-    children += [processes.start_python("model_server.py", {}), processes.start_python("web_server.py", {})]
-    print(f"serving {settings.model} on http://localhost:{settings.port}; Ctrl-C stops", flush=True)
+    children: list[subprocess.Popen] = []
+    # Before anything starts: a SIGTERM or Ctrl-C while the stack comes up still stops what was started.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     try:
+        children += redis_for(settings.redis_url)
+        children.append(processes.start_python("model_server.py", {}))
+        children.append(processes.start_python("web_server.py", {}))
+        print(f"serving {settings.model} on http://localhost:{settings.port}; Ctrl-C stops", flush=True)
         while all(child.poll() is None for child in children):
             time.sleep(0.5)
         return 1  # one of them died: stop the rest, and say so

@@ -3,13 +3,25 @@
 from __future__ import annotations
 
 import base64
+import contextlib
+import os
+import pathlib
+import signal
+import socket
+import subprocess
+import sys
 import threading
+from collections.abc import Callable, Iterator
+from typing import NamedTuple
+from urllib.parse import urlparse
 
 import numpy as np
 import pytest
+import redis
+import requests
 from werkzeug.test import TestResponse
 
-from scripts.processes import Stack, start_python
+from scripts.processes import REPO, Stack, free_port, http_ok, start_python, wait_until
 from serving import zoo
 from tests.conftest import assert_rejected, in_parallel, png, probabilities, upload
 
@@ -107,10 +119,116 @@ def test_missing_imagenet_weights_stop_the_model_server_with_directions(redis_ur
     env = {"REDIS_URL": redis_url, "LOG_FORMAT": "json", "MODEL": "resnet50", "KERAS_HOME": str(tmp_path)}
     env["https_proxy"] = "http://127.0.0.1:9"
 
-    process = start_python("model_server.py", env, tmp_path / "model.log")
+    process = start_python("model_server.py", env, tmp_path / "model.log", inherit_settings=False)
 
     assert process.wait(timeout=120) == 2
     (error,) = [line for line in Stack.log_lines(tmp_path / "model.log") if line["level"] == "ERROR"]
     message = error["message"]
     assert "resnet50_weights_tf_dim_ordering_tf_kernels.h5" in message
     assert str(tmp_path / "models") in message and "MODEL=digits" in message
+
+
+@pytest.mark.processes
+def test_stack_processes_get_only_the_settings_the_test_names(make_stack, monkeypatch):
+    monkeypatch.setenv("API_KEYS", "k")  # exported by the user who runs the tests: not the stack's setting
+    stack = make_stack()
+
+    assert requests.get(f"{stack.web_server()}/models", timeout=10).status_code == 200
+    assert requests.get(f"{stack.web_server(API_KEYS='k')}/models", timeout=10).status_code == 401  # named: kept
+
+
+# scripts/run.py (make run) as a user starts it. It runs in a session of its own, so that the teardown can
+# reach whatever it started, even a Redis it left behind.
+class Run(NamedTuple):
+    process: subprocess.Popen
+    log: pathlib.Path  # its output
+    port: int  # its PORT
+
+
+@pytest.fixture
+def make_run(tmp_path: pathlib.Path) -> Iterator[Callable[[str], Run]]:
+    """make_run(redis_url) -> run.py serving digits on a free port with that REDIS_URL."""
+    started: list[subprocess.Popen] = []
+
+    def start(redis_url: str) -> Run:
+        port, log = free_port(), tmp_path / f"run-{len(started)}.log"
+        env = {**os.environ, "REDIS_URL": redis_url, "MODEL": "digits", "PORT": str(port)}
+        with log.open("wb") as out:
+            command = [sys.executable, str(REPO / "scripts" / "run.py")]
+            started.append(subprocess.Popen(command, env=env, stdout=out, stderr=out, start_new_session=True))
+        return Run(started[-1], log, port)
+
+    yield start
+    for process in started:
+        with contextlib.suppress(ProcessLookupError):  # nothing left in its session: all stopped
+            os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+
+
+def listening(host: str, port: int) -> bool:
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+        return s.connect_ex((host, port)) == 0
+
+
+def serves_then_stops(run: Run, redis_url: str) -> None:
+    """run.py comes up with a Redis that lets a client of redis_url in, and Ctrl-C stops all it started."""
+    wait_until(lambda: "Ctrl-C stops" in run.log.read_text(), 30, "make run", run.process)
+    assert redis.Redis.from_url(redis_url, socket_connect_timeout=2).ping()  # as the model and web servers do
+    wait_until(lambda: http_ok(f"http://127.0.0.1:{run.port}/health"), 30, "the web server on PORT", run.process)
+    run.process.send_signal(signal.SIGINT)
+    assert run.process.wait(timeout=90) == 0, run.log.read_text()
+    parts = urlparse(redis_url)
+    assert not listening(parts.hostname, parts.port)  # its Redis stopped with it
+
+
+@pytest.mark.processes
+def test_make_run_starts_redis_with_the_password_its_clients_send(make_run):
+    url = f"redis://:p%40ss@127.0.0.1:{free_port()}/0"  # redis-py sends the password p@ss
+    serves_then_stops(make_run(url), url)
+
+
+@pytest.mark.processes
+def test_make_run_starts_redis_on_the_ipv6_loopback_it_is_asked_for(make_run):
+    try:
+        with socket.socket(socket.AF_INET6) as s:
+            s.bind(("::1", 0))
+    except OSError:
+        pytest.skip("this machine has no IPv6 loopback")
+    url = f"redis://[::1]:{free_port()}/0"
+    serves_then_stops(make_run(url), url)
+
+
+def refused(run: Run) -> str:
+    """What run.py said when it stopped before starting any server: a message, not a traceback."""
+    assert run.process.wait(timeout=30) != 0
+    text = run.log.read_text()
+    assert "REDIS_URL" in text and "Traceback" not in text and "Ctrl-C stops" not in text, text
+    return text
+
+
+@pytest.mark.processes
+def test_make_run_leaves_a_redis_that_refuses_it_alone(make_run, own_redis):
+    protected, process = own_redis(password="secret")
+    port = urlparse(protected).port
+    for url in (f"redis://127.0.0.1:{port}/0", f"redis://:nope123@127.0.0.1:{port}/0"):  # NOAUTH, WRONGPASS
+        text = refused(make_run(url))
+        assert "password" in text and "starting redis-server" not in text and "nope123" not in text, text
+    assert process.poll() is None and redis.Redis.from_url(protected).ping()
+
+
+@pytest.mark.processes
+def test_make_run_stops_the_redis_it_started_when_that_refuses_the_url(make_run):
+    port = free_port()
+    # The Redis run.py starts has a password for its default user only: no user "someone".
+    text = refused(make_run(f"redis://someone:pw@127.0.0.1:{port}/0"))
+    assert "starting redis-server" in text and "refuses" in text, text
+    assert not listening("127.0.0.1", port)
+
+
+@pytest.mark.processes
+def test_make_run_says_so_when_something_that_is_not_redis_holds_the_port(make_run):
+    with socket.socket() as silent:  # accepts connections and never answers
+        silent.bind(("127.0.0.1", 0))
+        silent.listen()
+        text = refused(make_run(f"redis://localhost:{silent.getsockname()[1]}/0"))
+    assert "starting redis-server" in text and "failed" in text, text
