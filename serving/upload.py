@@ -20,8 +20,9 @@ _JSON_SHAPE = '{"image": "<base64 of the image file>"}'
 _HOW = f"send the image as multipart form field 'image' (curl -F image=@photo.jpg ...) or as JSON {_JSON_SHAPE}"
 # What a request may set besides the image, each as a JSON key, a form field or in the query string.
 OPTIONS = ("top_k", "model", "version")
-# ... and its timeout, which may also come as the header below; the longest a request may ask for.
-TIMEOUT_OPTION, MAX_TIMEOUT_MS = "timeout_ms", 999_999_999
+# ... and its timeout, which may also come as the header below.
+TIMEOUT_OPTION = "timeout_ms"
+MAX_TIMEOUT_MS = 999_999_999  # the longest a request may ask for (REQUEST_TIMEOUT_S caps it anyway)
 # timeout_ms may come as this header too, for clients that set a deadline on every call the same way.
 TIMEOUT_HEADER = "X-Request-Timeout-Ms"
 # Compressed bodies a client may send (tritonclient's request_compression_algorithm): zlib's window bits for each.
