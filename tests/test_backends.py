@@ -23,7 +23,7 @@ def test_a_jax_model_server_answers_as_tensorflow_does_in_process(r, redis_url, 
     # One thread a predict (MODEL_THREADS): the limit reaches JAX too, through XLA's flags.
     env = {"KERAS_BACKEND": "jax", "MODEL": "digits", "REDIS_URL": redis_url, "BATCH_SIZE": "8", "LOG_FORMAT": "json"}
     env["MODEL_THREADS"] = "1"
-    server = start_python("model_server.py", env, tmp_path / "model.log")
+    server = start_python("model_server.py", env, tmp_path / "model.log", inherit_settings=False)
     try:
         wait_until(lambda: registry.state(r, DIGITS).ready, 180, "the JAX model server", server)
         images = holdout[0][:12]
