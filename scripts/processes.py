@@ -58,10 +58,8 @@ def redis_answers(url: str) -> bool:
     try:
         with redis.Redis.from_url(url, socket_connect_timeout=1) as client:
             return bool(client.ping())
-    except (redis.AuthenticationError, redis.ResponseError) as exc:  # AuthenticationError is a ConnectionError
-        if isinstance(exc, redis.AuthenticationError) or str(exc).startswith(("NOAUTH", "WRONGPASS")):
-            raise RedisRefused(str(exc)) from exc
-        return False
+    except redis.AuthenticationError as exc:  # redis-py's for NOAUTH and WRONGPASS; a ConnectionError, so first
+        raise RedisRefused(str(exc)) from exc
     except redis.RedisError:
         return False
 
