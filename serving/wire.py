@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import re
 from dataclasses import dataclass
 
 import numpy as np
@@ -189,22 +190,49 @@ class Job:
     def decode(cls, raw: str | bytes) -> Job:
         """Parse a queue message, raising MalformedMessage for anything but a well-formed job.
 
-        The model server's hot path: orjson and pybase64 (SIMD, and faster still when validating)
-        take 55 us for a 224x224 RGB job where json and base64 took 475 us.
+        The model server's hot path. A JSON parser scans and copies every base64 character (orjson: 56
+        of the 70 us a 224x224 RGB job took), so a message that starts as `encode` writes it is parsed
+        without its pixels, which pybase64 (SIMD) decodes from where they lie: 20 us in all. Anything
+        that path does not take is parsed whole, as any JSON, and judged the same way.
         """
+        head = _ENCODED_HEAD.match(raw) if isinstance(raw, bytes) else None
+        if head:
+            try:
+                return cls._of(*_fields_and_pixels(raw, head.end()))
+            except _PARSE_ERRORS:
+                pass  # parsed whole below, which says what is wrong with it
         try:
             msg = orjson.loads(raw)
-            shape = tuple(int(n) for n in msg["shape"])
-            if msg["dtype"] != "uint8" or len(shape) != 3 or min(shape) < 1:
-                raise MalformedMessage(f"bad dtype/shape {msg['dtype']!r} {shape}")
-            data = pybase64.b64decode(msg["data"], validate=True)
-            pixels = np.frombuffer(data, np.uint8).reshape(shape)
-            top_k = None if msg["top_k"] is None else int(msg["top_k"])
-            return cls(str(msg["id"]), str(msg["reply_to"]), pixels, float(msg["deadline"]), top_k)
+            return cls._of(msg, msg["data"])
         except MalformedMessage:
             raise
-        except (ValueError, KeyError, TypeError, binascii.Error) as exc:
+        except _PARSE_ERRORS as exc:
             raise MalformedMessage(f"{type(exc).__name__}: {exc}") from None
+
+    @classmethod
+    def _of(cls, msg: dict, data: str | memoryview) -> Job:
+        shape = tuple(int(n) for n in msg["shape"])
+        if msg["dtype"] != "uint8" or len(shape) != 3 or min(shape) < 1:
+            raise MalformedMessage(f"bad dtype/shape {msg['dtype']!r} {shape}")
+        pixels = np.frombuffer(pybase64.b64decode(data, validate=True), np.uint8).reshape(shape)
+        top_k = None if msg["top_k"] is None else int(msg["top_k"])
+        return cls(str(msg["id"]), str(msg["reply_to"]), pixels, float(msg["deadline"]), top_k)
+
+
+_PARSE_ERRORS = (MalformedMessage, ValueError, KeyError, TypeError, binascii.Error)
+# How Job.encode starts a message, up to the first character of its base64 pixels. Each string before
+# them is free of quotes and escapes, so the match ends inside the top-level "data" value and nowhere else.
+_ENCODED_HEAD = re.compile(rb'\{"id":"[^"\\]*","reply_to":"[^"\\]*","shape":\[\d+,\d+,\d+\],"dtype":"uint8","data":"')
+
+
+def _fields_and_pixels(raw: bytes, start: int) -> tuple[dict, memoryview]:
+    """A message's fields with "data" parsed as "", and its base64 pixels (from `start` to the next quote:
+    b64decode's validation refuses an escape within them)."""
+    end = raw.index(b'"', start)
+    msg = orjson.loads(raw[:start] + raw[end:])
+    if msg["data"] != "":  # a second "data" key, which a JSON parser lets win
+        raise MalformedMessage("two pixel fields")
+    return msg, memoryview(raw)[start:end]
 
 
 def reply_address(raw: str | bytes) -> tuple[str, str] | None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import orjson
 import pytest
 
 from serving import wire
@@ -49,11 +50,33 @@ def test_the_one_pixel_job_is_well_formed():
         b"{}",
         b'{"id": 1, "shape": [2, 2, 1], "dtype": "uint8", "data": "AAAA"}',
         *(json.dumps(job).encode() for job in BROKEN),
+        *(orjson.dumps(job) for job in BROKEN),  # written as Job.encode writes: the path that skips the pixels
+        orjson.dumps(ONE_PIXEL)[:-20],  # cut short
+        orjson.dumps(ONE_PIXEL).replace(b'"deadline"', b'"data":"AAAA","deadline"'),  # the last "data" wins
     ],
 )
 def test_malformed_jobs_raise_malformed_message(raw):
     with pytest.raises(wire.MalformedMessage):
         wire.Job.decode(raw)
+
+
+def test_a_job_reads_the_same_however_its_json_is_written():
+    pixels = np.arange(48, dtype=np.uint8).reshape(4, 4, 3)  # base64 with "/" and "+" in it
+    encoded = wire.Job("id-1", "w", pixels, 2.5, 3).encode()
+    fields = orjson.loads(encoded)
+    others = [
+        json.dumps(fields).encode(),  # spaces after separators
+        json.dumps(dict(reversed(fields.items()))).encode(),  # another key order
+        encoded.replace(b"/", b"\\/"),  # "\/" for "/", as some JSON writers escape it
+        # Two "data" keys, the last one right: as any JSON parser reads it, the last wins.
+        encoded.replace(b'"data":"', b'"data":"AAAA","deadline":1,"data":"', 1),
+    ]
+    expected = wire.Job.decode(encoded)
+    for raw in others:
+        job = wire.Job.decode(raw)
+        assert (job.request_id, job.reply_to, job.deadline, job.top_k) == ("id-1", "w", 2.5, 3), raw
+        np.testing.assert_array_equal(job.pixels, expected.pixels)
+    np.testing.assert_array_equal(expected.pixels, pixels)
 
 
 def test_a_malformed_job_may_still_say_whom_to_answer():
