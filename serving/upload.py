@@ -99,7 +99,7 @@ def _from_json(request: Request) -> Upload:
     try:
         body = json.loads(read_body(request))  # decompressed, so not request.get_json()
     except (ValueError, RecursionError) as exc:  # also bad UTF-8, an int of 5,000 digits, arrays nested deeply
-        raise ApiError(400, "bad_request", f'the body is not valid JSON ({exc!s:.100}): {_JSON_SHAPE}') from None
+        raise ApiError(400, "bad_request", f"the body is not valid JSON ({exc!s:.100}): {_JSON_SHAPE}") from None
     if not isinstance(body, dict):
         raise ApiError(400, "bad_request", f"the JSON body must be an object: {_JSON_SHAPE}")
     encoded = body.get("image")
