@@ -24,6 +24,7 @@ from serving.webtier import tier
 _FAILURES = {
     "late": (503, "overloaded"),  # it could not be computed before its deadline
     "model_changed": (503, "model_changed"),
+    "unavailable": (503, "unavailable"),  # no model server of its version is alive any more
     "malformed": (500, "internal"),
     "model_error": (500, "model_error"),
 }

@@ -5,6 +5,10 @@ The model servers push every answer meant for this worker onto one list per mode
 However many requests wait, a worker holds one blocking Redis connection per model it has sent
 jobs to, not one per request. Answers whose client gave up are popped and dropped like the rest,
 so none stays behind in Redis; the inbox of a worker that died expires after RESULT_TTL_S.
+While requests wait, the reader also looks once a READ_BLOCK_S whether their model version still has
+a model server (its "alive" key, serving.registry): once none has been alive for NO_SERVER_GRACE_S,
+when new requests are refused, the waiting ones are answered "unavailable" too instead of a 504 at
+their deadline. Their jobs stay queued for a server of that version that comes back.
 
 Written with threading primitives: under gunicorn's gevent worker they are gevent's (monkey
 patching), so a reader is a greenlet and a waiting request costs a greenlet and an Event.
@@ -18,6 +22,7 @@ import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import replace
 
 import redis
 
@@ -39,6 +44,10 @@ class _Waiter:
         self.result: wire.Result | None = None
 
 
+# What a waiting request is answered once no model server of its version is alive.
+GONE = wire.Result("", error_code="unavailable", error="no model server of this version is alive now; try again later")
+
+
 class Expected:
     """The answers one request waits for."""
 
@@ -58,7 +67,7 @@ class Inbox:
         """`r` should have a socket timeout above READ_BLOCK_S: its connections block that long."""
         self.r = r
         self.worker_id = worker_id or uuid.uuid4().hex
-        self._waiters: dict[str, _Waiter] = {}
+        self._waiters: dict[wire.ModelKeys, dict[str, _Waiter]] = {}
         self._readers: dict[wire.ModelKeys, threading.Thread] = {}
         self._lock = threading.Lock()
         self._closed = threading.Event()
@@ -68,16 +77,17 @@ class Inbox:
         """Wait for these answers within the block; register before the jobs are queued, so none is missed."""
         self._start_reader(keys)
         waiters = {request_id: _Waiter() for request_id in request_ids}
-        self._waiters.update(waiters)
+        waiting = self._waiters[keys]
+        waiting.update(waiters)
         try:
             yield Expected(waiters)
         finally:
             for request_id in request_ids:
-                self._waiters.pop(request_id, None)
+                waiting.pop(request_id, None)
 
     @property
     def waiting(self) -> int:
-        return len(self._waiters)
+        return sum(len(waiting) for waiting in list(self._waiters.values()))
 
     def close(self) -> None:
         """Stop the readers; each ends within READ_BLOCK_S."""
@@ -88,29 +98,40 @@ class Inbox:
             return
         with self._lock:
             if keys not in self._readers:
+                self._waiters[keys] = {}
                 reader = threading.Thread(target=self._read, args=(keys,), name=f"inbox {keys.member}", daemon=True)
                 reader.start()
                 self._readers[keys] = reader
 
     def _read(self, keys: wire.ModelKeys) -> None:
-        inbox = keys.inbox(self.worker_id)
+        inbox, waiting = keys.inbox(self.worker_id), self._waiters[keys]
+        looked = time.monotonic()
         while not self._closed.is_set():
             try:
                 popped = self.r.blmpop(READ_BLOCK_S, 1, inbox, direction="LEFT", count=READ_BATCH)
+                for raw in popped[1] if popped else ():
+                    self._deliver(waiting, raw)
+                if waiting and time.monotonic() - looked >= READ_BLOCK_S:
+                    looked = time.monotonic()
+                    if not self.r.exists(keys.alive):
+                        for request_id, waiter in list(waiting.items()):
+                            _answer(waiter, replace(GONE, request_id=request_id))
             except redis.RedisError as exc:
                 log.warning("reading answers from %s failed: %s", inbox, exc)
                 self._closed.wait(1.0)
-                continue
-            for raw in popped[1] if popped else ():
-                self._deliver(raw)
 
-    def _deliver(self, raw: bytes) -> None:
+    @staticmethod
+    def _deliver(waiting: dict[str, _Waiter], raw: bytes) -> None:
         try:
             result = wire.Result.decode(raw)
         except wire.MalformedMessage as exc:
             log.error("dropped an unreadable answer: %s", exc)
             return
-        waiter = self._waiters.get(result.request_id)
+        waiter = waiting.get(result.request_id)
         if waiter is not None:  # else its client gave up: the answer goes no further
-            waiter.result = result
-            waiter.event.set()
+            _answer(waiter, result)
+
+
+def _answer(waiter: _Waiter, result: wire.Result) -> None:
+    waiter.result = result
+    waiter.event.set()

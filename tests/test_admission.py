@@ -248,6 +248,24 @@ def test_a_deadline_no_empty_queue_could_meet_is_a_504_at_once_not_a_retry(r, ma
     assert refusals(client, "deadline") == before + 1
 
 
+@pytest.mark.parametrize("path", ["/predict", "/v2/models/digits/infer"])
+def test_a_waiting_request_gets_503_once_no_server_of_its_model_is_alive(r, make_app, path):
+    seconds, _ = r.time()  # a server that beat once and then died: its model counts as alive for 2 s more
+    registry.Registration(r, INFO, "died").beat(float(seconds), ttl_s=0.5, grace_s=2.0)
+    client = make_app(request_timeout_s=20).test_client()
+    image = {"name": "image", "datatype": "BYTES", "shape": [1], "data": [base64.b64encode(DIGIT).decode()]}
+
+    response = upload(client, DIGIT) if path == "/predict" else client.post(path, json={"inputs": [image]})
+
+    assert response.status_code == 503 and response.headers["Retry-After"] == "1", response.text
+    message = response.json["error"] if path != "/predict" else response.json["error"]["message"]
+    assert "no model server of this version is alive" in message
+    if path == "/predict":
+        assert response.json["error"]["code"] == "unavailable"
+    assert r.llen(KEYS.queue) == 1  # it was queued, and stays there for a server of its version
+    assert r.exists(KEYS.alive) == 0  # refused only once the model had no server for NO_SERVER_GRACE_S
+
+
 def test_several_images_of_one_request_are_admitted_whole_or_not_at_all(r, make_app):
     announce(r, ONE_A_SECOND)
     fill(r, ALLOWED - 2)

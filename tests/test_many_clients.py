@@ -92,6 +92,7 @@ def push_answers(r: redis.Redis, answers: list[tuple[wire.ModelKeys, str, wire.R
 @pytest.mark.parametrize("count", [10, 5000])
 def test_every_waiting_request_gets_its_own_answer_over_one_connection_per_model(r, inbox, count):
     ttl_s = Settings().result_ttl_s
+    r.mset({keys.alive: 1 for keys in MODELS})  # their models have live servers: nobody is answered "unavailable"
     waits, left, gone = requests_of("waits", count), requests_of("gave-up", OTHERS), requests_of("gone", OTHERS)
     gave_up = Waiting(inbox, left, timeout_s=0).join()  # their clients left before the answers came
     waiting = Waiting(inbox, waits, timeout_s=60)
