@@ -113,12 +113,16 @@ class Inbox:
                     self._deliver(waiting, raw)
                 if waiting and time.monotonic() - looked >= READ_BLOCK_S:
                     looked = time.monotonic()
-                    if not self.r.exists(keys.alive):
-                        for request_id, waiter in list(waiting.items()):
-                            _answer(waiter, replace(GONE, request_id=request_id))
+                    self._fail_if_unserved(keys, waiting)
             except redis.RedisError as exc:
                 log.warning("reading answers from %s failed: %s", inbox, exc)
                 self._closed.wait(1.0)
+
+    def _fail_if_unserved(self, keys: wire.ModelKeys, waiting: dict[str, _Waiter]) -> None:
+        """Answer every waiting request "unavailable" once no model server of its version is alive."""
+        if not self.r.exists(keys.alive):
+            for request_id, waiter in list(waiting.items()):
+                _answer(waiter, replace(GONE, request_id=request_id))
 
     @staticmethod
     def _deliver(waiting: dict[str, _Waiter], raw: bytes) -> None:
