@@ -2,8 +2,9 @@
 
 Run one per GPU (pin it with CUDA_VISIBLE_DEVICES); any number, for any number of models, may
 share one Redis. KERAS_BACKEND picks TensorFlow (the default), JAX or PyTorch. SIGTERM or Ctrl-C:
-compute and answer the batches in hand, take no more, exit 0.
-The loop itself is serving.modelserver.ModelServer.
+compute and answer the batches in hand, take no more, exit 0. From its start, while it loads and
+warms up its model, its version counts as alive (serving.registry.starting), so that a restart
+keeps the requests waiting for it. The loop itself is serving.modelserver.ModelServer.
 """
 
 from __future__ import annotations
@@ -14,7 +15,9 @@ import re
 import signal
 import sys
 
-from serving import connections, logs, zoo
+import redis
+
+from serving import connections, logs, registry, wire, zoo
 from serving.modelserver import BLOCK_S, ModelServer
 from settings import Settings
 
@@ -73,21 +76,33 @@ def main() -> int:
     settings = Settings.from_env()
     logs.setup("model_server", settings)
     use_threads(settings.model_threads)
+    name = connections.client_name("model", settings.model_name)
+    r = connections.connect(settings.redis_url, socket_timeout=BLOCK_S + 5, name=name)
+    keys = wire.ModelKeys(settings.model_name, settings.model_version)
+    with registry.starting(r, keys, settings.heartbeat_s, settings.no_server_grace_s):
+        server = warmed_up(settings, r)
+    if server is None:
+        return 2
+    server.run()
+    return 0
+
+
+def warmed_up(settings: Settings, r: redis.Redis) -> ModelServer | None:
+    """A model server with its model loaded and warmed up, that stops on SIGTERM or Ctrl-C; None (the
+    reason logged) when the model cannot be loaded."""
     try:
         servable = load(settings)
     except zoo.ModelUnavailable as exc:
         log.error("%s", exc)
-        return 2
+        return None
     import keras  # loaded by zoo.load already: which backend it runs on is worth a line in the log
 
     logs.event(log, "loaded", model=settings.model, backend=keras.backend.backend(), threads=predict_threads())
-    name = connections.client_name("model", settings.model_name)
-    r = connections.connect(settings.redis_url, socket_timeout=BLOCK_S + 5, name=name)
     server = ModelServer(servable, r, settings)
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: server.stop())
-    server.run()
-    return 0
+    server.warm_up()
+    return server
 
 
 if __name__ == "__main__":

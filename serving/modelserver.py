@@ -78,7 +78,8 @@ class ModelServer:
 
     def run(self) -> None:
         """Serve until stop(): then compute and answer every batch taken, give back anything held, and leave."""
-        self.warm_up()
+        if self.meter is None:  # not warmed up yet
+            self.warm_up()
         while not self.stopping.is_set():  # Redis may come up after us
             try:
                 self._beat()

@@ -8,6 +8,9 @@ reap the dead (serving.queue requeues what they held).
 
 from __future__ import annotations
 
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import redis
@@ -35,7 +38,7 @@ class Registration:
             pipe.hset(self.keys.speeds, self.server_id, speed.encode())
         pipe.sadd(self.keys.servers, self.server_id)
         pipe.set(self.keys.heartbeat(self.server_id), 1, px=int(ttl_s * 1000))
-        pipe.set(self.keys.alive, 1, px=int(grace_s * 1000))
+        _hold_alive(pipe, self.keys, grace_s)
         # Republished every beat: a Redis that restarted empty learns the model again by itself.
         pipe.set(self.keys.info, self.info.encode())
         pipe.zadd(wire.MODELS, {self.keys.member: now})
@@ -56,6 +59,37 @@ class Registration:
         """On a clean exit (after giving back its jobs): stop counting as alive at once."""
         self.r.delete(self.keys.heartbeat(self.server_id))
         self.forget(self.server_id)
+
+
+@contextmanager
+def starting(r: redis.Redis, keys: wire.ModelKeys, every_s: float, grace_s: float) -> Iterator[None]:
+    """Within the block, while a model server loads and warms up its model, its version counts as alive
+    (NO_SERVER_GRACE_S, refreshed every every_s), and nothing else is published. A restart of a
+    version's only server then keeps the requests waiting for it, and takes new ones, however long
+    the start takes (ResNet50 here: 16 s, longer than the grace): a server is gone only once
+    no process of its version runs."""
+    done = threading.Event()
+
+    def hold() -> None:
+        while True:
+            try:
+                _hold_alive(r, keys, grace_s)
+            except redis.RedisError:
+                pass  # Redis may come up after us: the server's first beat waits for it and says so
+            if done.wait(every_s):
+                return
+
+    thread = threading.Thread(target=hold, name="starting", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        done.set()
+        thread.join()
+
+
+def _hold_alive(r: redis.Redis | redis.client.Pipeline, keys: wire.ModelKeys, grace_s: float) -> None:
+    r.set(keys.alive, 1, px=int(grace_s * 1000))
 
 
 @dataclass(frozen=True)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -115,6 +116,14 @@ def test_registry_lists_announced_models_and_counts_only_beating_servers(r):
     assert (state.info, state.live_servers, state.alive, state.ready) == (info, 1, True, True)
     assert state.speeds == (wire.Speed(32, {1: 0.002, 32: 0.01}),)
     assert registry.known_models(r, now=1000.0 + registry.MODEL_RETENTION_S + 1) == []
+
+
+def test_a_starting_server_keeps_its_version_alive_past_the_grace_and_only_that(r):
+    with registry.starting(r, KEYS, every_s=0.05, grace_s=1.0):
+        time.sleep(2.5)  # more than twice the grace: the key lives only because it is refreshed
+        assert r.exists(KEYS.alive) == 1
+        assert r.keys("*") == [KEYS.alive.encode()]  # nothing else is published before it serves
+    wait_until(lambda: not r.exists(KEYS.alive), 10, "the grace over once it stopped")
 
 
 def test_a_queue_may_fill_up_to_its_limit_exactly(r, alive):

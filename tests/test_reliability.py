@@ -131,6 +131,20 @@ def test_without_model_servers_requests_time_out_then_are_refused(make_stack, ma
     assert refused.status_code == 503 and refused.json["error"]["code"] == "unavailable"
 
 
+@pytest.mark.processes
+def test_a_restart_slower_than_the_grace_keeps_the_requests_for_the_replacement(make_stack, make_app):
+    stack = make_stack(NO_SERVER_GRACE_S="1")  # a model server takes longer than that to load and warm up
+    stop(stack.model_server())  # the only server of digits leaves...
+    client = make_app(redis_url=stack.redis_url, request_timeout_s=120).test_client()
+    with ThreadPoolExecutor(2) as pool:
+        replacement = pool.submit(stack.model_server)  # ...and its replacement starts
+        time.sleep(2)  # past the grace of the server that left
+        assert not replacement.done(), "the replacement started before the grace was over: nothing tested"
+        response = pool.submit(upload, client, DIGIT)
+        assert response.result(timeout=180).status_code == 200  # queued, and answered once it serves
+        replacement.result()
+
+
 # ---------------------------------------------------------------- gunicorn and the whole stack
 
 
