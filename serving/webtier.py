@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hmac
 import logging
+import socket
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -11,6 +12,7 @@ from typing import TypeVar
 
 import redis
 from flask import current_app
+from gevent import monkey
 
 from serving import logs, metrics, wire
 from serving.catalog import Catalog
@@ -21,6 +23,10 @@ from settings import Settings
 View = TypeVar("View", bound=Callable)
 
 log = logging.getLogger("web")
+
+# The standard library's socket, also where gevent has patched the module: gevent's own would wait for
+# data to come instead of saying at once that none has.
+_PlainSocket = monkey.get_original("socket", "socket")
 
 
 @dataclass
@@ -68,3 +74,24 @@ def finished(
         ms=round(elapsed * 1000, 1),
         model=model.member if model else "",  # the model version chosen for it, as name:version
     )
+
+
+def client_gone(environ: dict) -> bool:
+    """Whether the client has closed its connection, so that nobody would read this request's answer.
+
+    A closed connection reads as its end, once what came before is read (a request of its own sent behind
+    this one is data, not an end). gunicorn gives the app its socket; under a server that does not, nothing
+    is known and the answer is False. A client that closes only its sending side and still waits
+    (shutdown(SHUT_WR)) reads the same; it is told so (serving.dispatch), as nginx tells it with its 499."""
+    connection = environ.get("gunicorn.socket")
+    if connection is None:
+        return False
+    probe = _PlainSocket(fileno=connection.fileno())
+    try:
+        return probe.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
+    except BlockingIOError:  # open, and nothing more sent yet
+        return False
+    except OSError:  # reset by the client
+        return True
+    finally:
+        probe.detach()  # the connection stays gunicorn's

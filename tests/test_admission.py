@@ -12,6 +12,7 @@ import base64
 import io
 import pathlib
 import re
+import socket
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
@@ -435,3 +436,38 @@ def test_a_body_its_headers_show_empty_or_too_large_is_the_apps_400_or_413_also_
 
     assert (empty.status_code, empty.json["error"]["code"]) == (400, "missing_image")
     assert (large.status_code, large.json["error"]["code"]) == (413, "too_large")
+
+
+# --- nobody waits any more (serving.webtier.client_gone) ---------------------------------------------------
+
+
+def post_over(client, connection: socket.socket):
+    """POST /predict with DIGIT, the app given `connection` as gunicorn gives it the client's socket."""
+    data = {"image": (io.BytesIO(DIGIT), "digit.png")}
+    return client.post("/predict", data=data, environ_overrides={"gunicorn.socket": connection})
+
+
+def test_a_request_whose_client_closed_its_connection_is_neither_decoded_nor_queued(r, make_app):
+    announce(r, ONE_A_SECOND)
+    client = make_app(request_timeout_s=TIMEOUT_S).test_client()
+    server_end, client_end = socket.socketpair()
+    client_end.close()
+
+    with server_end:
+        response = post_over(client, server_end)
+
+    assert response.status_code == 499
+    assert response.json["error"]["code"] == "client_closed"
+    assert r.llen(KEYS.queue) == 0
+    assert requests_counted(client, "/predict", 499) == 1
+
+
+def test_a_client_that_waits_or_sent_its_next_request_is_served_and_one_that_half_closed_is_told(client, served):
+    server_end, client_end = socket.socketpair()
+    with server_end, client_end:
+        assert post_over(client, server_end).status_code == 200  # open, nothing more sent
+        client_end.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")  # pipelined behind this one
+        assert post_over(client, server_end).status_code == 200
+        server_end.recv(1024)  # the next request read, as gunicorn would before its turn
+        client_end.shutdown(socket.SHUT_WR)  # still reading, but its end of sending reads as a close
+        assert post_over(client, server_end).status_code == 499

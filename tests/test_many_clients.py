@@ -9,16 +9,21 @@ as processes: one gunicorn worker holding thousands of real HTTP connections fro
 from __future__ import annotations
 
 import json
+import os
 import pathlib
 import random
+import signal
+import socket
 import subprocess
 import sys
 import threading
+import urllib.parse
 from collections.abc import Callable, Iterator
 
 import numpy as np
 import pytest
 import redis
+import requests
 
 from scripts.processes import REPO, wait_until
 from serving import connections, queue, wire
@@ -191,3 +196,31 @@ def test_one_web_worker_holds_thousands_of_requests_on_a_few_redis_connections(m
     stack.wait_logged(ids, timeout_s=60)
     computed = [request_id for _, batch in stack.batches() for request_id in batch]
     assert len(computed) == len(set(computed)) == HELD + len(samples)  # each computed once, for its own request
+
+
+@pytest.mark.processes
+def test_a_request_whose_client_left_while_the_web_worker_was_busy_is_not_computed(make_stack):
+    stack = make_stack(WEB_WORKERS="1")
+    stack.model_server()
+    url = stack.web_server()
+    master = stack.processes[-1].pid
+    (worker,) = map(int, pathlib.Path(f"/proc/{master}/task/{master}/children").read_text().split())
+    digit = (REPO / "samples" / "digit_3.png").read_bytes()
+    upload = requests.Request("POST", f"{url}/predict", files={"image": ("digit.png", digit)}).prepare()
+    head = "".join(f"{name}: {value}\r\n" for name, value in upload.headers.items())
+    address = urllib.parse.urlsplit(url)
+
+    os.kill(worker, signal.SIGSTOP)  # busy: the kernel takes the connection and the request, nobody reads them
+    try:
+        with socket.create_connection((address.hostname, address.port), timeout=10) as connection:
+            connection.sendall(f"POST /predict HTTP/1.1\r\nHost: x\r\n{head}\r\n".encode() + upload.body)
+            # and the client gives up
+    finally:
+        os.kill(worker, signal.SIGCONT)
+    served = post_image(url, digit)
+
+    assert served.status_code == 200
+    logged = [line for line in stack.logged(stack.web_logs[0], "request") if line["path"] == "/predict"]
+    assert sorted(line["status"] for line in logged) == [200, 499]
+    stack.wait_logged([served.json()["request_id"]])
+    assert [ids for _, ids in stack.batches()] == [[served.json()["request_id"]]]
