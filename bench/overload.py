@@ -46,19 +46,20 @@ BURST = 5000
 # threads. The model server runs at this nice value so that the web tier's CPU comes first, as it would
 # on hosts of its own (the model keeps its throughput: the web tier needs little of the CPU).
 MODEL_NICE = 10
-# The /metrics counters read after each point, summed over their labels but `reason`.
+# The /metrics counters read after each point, summed over their labels but `reason` (or `status`).
 COUNTED = ("serving_refused_total", "serving_expired_total", "serving_late_total", "serving_finished_late_total")
+GONE = "serving_requests_total/499"  # requests read after their client had closed the connection, not computed
 
 
 def counters(url: str) -> dict[str, float]:
-    """The COUNTED figures now, e.g. {"serving_refused_total/wait": 12.0, "serving_late_total": 3.0}."""
+    """The COUNTED figures now, e.g. {"serving_refused_total/wait": 12.0, "serving_late_total": 3.0}, and GONE."""
     with urllib.request.urlopen(f"{url}/metrics", timeout=30) as response:
         text = response.read().decode()
     found: dict[str, float] = {}
     for line in text.splitlines():
         name, _, rest = line.partition("{")
-        if name in COUNTED:
-            reason = re.search(r'reason="([^"]+)"', rest)
+        if name in COUNTED or (name == "serving_requests_total" and 'status="499"' in rest):
+            reason = re.search(r'(?:reason|status)="([^"]+)"', rest)
             key = f"{name}/{reason.group(1)}" if reason else name
             found[key] = found.get(key, 0.0) + float(line.rsplit(" ", 1)[1])
     return found
@@ -234,9 +235,9 @@ def report(results: dict) -> str:
             f"statuses {r['capacity_statuses']}; cores used: {cores(r['capacity_cores'])}).",
             "",
             "| offered | req/s | requests | goodput | 200 | 503 | 504 | other | p99 ms | p99 of 503 ms "
-            "| refused (wait / queue_limit) | late / finished late / expired | load generator CPU, send lag p99 "
-            "| cores: model / web |",
-            "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+            "| refused (wait / queue_limit) | late / finished late / expired | client gone (499) "
+            "| load generator CPU, send lag p99 | cores: model / web |",
+            "|" + " ---: |" * 15,
         ]
         for level, p in r["points"].items():
             s = p["shares"]
@@ -244,7 +245,8 @@ def report(results: dict) -> str:
             lines.append(
                 f"| {float(level):g}x | {p['offered_rps']:.1f} | {p['requests']} | {p['goodput']:.0%} "
                 f"| {s['200']:.1%} | {s['503']:.1%} | {s['504']:.1%} | {s['other']:.1%} | {p['p99_ms']:.0f} | {p503} "
-                f"| {counted(p['metrics'], REFUSALS)} | {counted(p['metrics'], DROPS)} | {generator(p)} "
+                f"| {counted(p['metrics'], REFUSALS)} | {counted(p['metrics'], DROPS)} "
+                f"| {counted(p['metrics'], (GONE,))} | {generator(p)} "
                 f"| {p['cores']['model']:.2f} / {p['cores']['web']:.2f} |"
             )
         b, a, d = r["light_before"], r["light_after"], r["light_after_deadline"]
