@@ -1,4 +1,5 @@
-"""What every route of the web tier shares: its parts, and which routes are open without an API key."""
+"""What every route of the web tier shares: its parts, which routes are open without an API key, and whether
+a request's client still waits for its answer."""
 
 from __future__ import annotations
 
