@@ -45,7 +45,9 @@ class _Waiter:
 
 
 # What a waiting request is answered once no model server of its version is alive.
-GONE = wire.Result("", error_code="unavailable", error="no model server of this version is alive now; try again later")
+UNSERVED = wire.Result(
+    "", error_code="unavailable", error="no model server of this version is alive now; try again later"
+)
 
 
 class Expected:
@@ -122,7 +124,7 @@ class Inbox:
         """Answer every waiting request "unavailable" once no model server of its version is alive."""
         if not self.r.exists(keys.alive):
             for request_id, waiter in list(waiting.items()):
-                _answer(waiter, replace(GONE, request_id=request_id))
+                _answer(waiter, replace(UNSERVED, request_id=request_id))
 
     @staticmethod
     def _deliver(waiting: dict[str, _Waiter], raw: bytes) -> None:
