@@ -7,6 +7,9 @@ Closed loop, 128 clients posting the digits PNG, the web workers' CPU per reques
   in a Python web worker.
 A web tier whose CPU is the bottleneck, refusing at a share r of an answer's cost, keeps g = (1 - k r)
 / (1 - r) of its capacity at k times it: what it serves and refuses add up to its CPU, g + r (k - g) = 1.
+Then the same canned 503 in open loop at RATES, posting the 640x480 JPEG of ResNet50's overload sweep:
+what a refusal costs when refusals come as they do past a slow model's capacity (200 a second at 10x
+ResNet50 here), a few at a time, each waking a worker that had gone idle.
 Writes bench/results/refusal_cost.md.
 
     .venv/bin/python -m bench.refusal_cost [--duration 15]
@@ -19,10 +22,12 @@ import subprocess
 import sys
 import time
 
-from bench.common import RESULTS, command_line, cpu_seconds, model_spec, our_stack, stress
+from bench.common import RESULTS, command_line, cpu_seconds, model_spec, our_stack, photo, stress
 from scripts.processes import REPO, free_port, stop, wait_until
 
 CLIENTS = 128
+CLOSED_LOOP = ("--concurrency", str(CLIENTS))
+RATES = (50, 200, 1000, 3000)  # refusals a second, open loop
 WARM_UP_S = 5.0
 CANNED = b'{"success": false, "error": {"code": "overloaded", "message": "overloaded; retry after 1 s"}}'
 
@@ -33,12 +38,15 @@ def app(environ: dict, start_response) -> list[bytes]:  # noqa: ANN001 (WSGI's s
     return [CANNED]
 
 
-def cpu_per_request(web_pid: int, url: str, duration: float, path: str = "/predict") -> dict:
-    """One closed-loop run after a warm-up: its statuses and the web workers' CPU milliseconds per request."""
-    image = model_spec("digits").image
-    stress(url, image, "--duration", str(WARM_UP_S), "--concurrency", str(CLIENTS), path=path)
+def cpu_per_request(
+    web_pid: int, url: str, duration: float, path: str = "/predict", load: tuple[str, str] = CLOSED_LOOP
+) -> dict:
+    """One run after a warm-up (closed loop unless `load` says otherwise): its statuses and the web workers'
+    CPU milliseconds per request."""
+    image = model_spec("digits").image if load == CLOSED_LOOP else photo()
+    stress(url, image, "--duration", str(WARM_UP_S), *load, path=path)
     before = cpu_seconds(web_pid)
-    run = stress(url, image, "--duration", str(duration), "--concurrency", str(CLIENTS), path=path)
+    run = stress(url, image, "--duration", str(duration), *load, path=path)
     cpu_ms = 1000 * (cpu_seconds(web_pid) - before) / run["requests"]
     return {"statuses": run["status_counts"], "rps": run["throughput_rps"], "cpu_ms": cpu_ms}
 
@@ -60,6 +68,10 @@ def measure(duration: float) -> dict[str, dict]:
     try:
         wait_until(lambda: accepts(port), 30, "the canned server")  # the warm-up run covers its workers' boot
         runs["canned"] = cpu_per_request(canned.pid, f"http://127.0.0.1:{port}", duration)
+        for rate in RATES:
+            runs[f"open {rate}"] = cpu_per_request(
+                canned.pid, f"http://127.0.0.1:{port}", duration, load=("--rate", str(rate))
+            )
     finally:
         stop(canned)
     return runs
@@ -77,6 +89,7 @@ NAMES = {
     "200": "200 from the web tier",
     "app": "refusal through the app (504, timeout_ms=1)",
     "canned": "canned 503 from gunicorn's gevent worker, no Flask",
+    **{f"open {rate}": f"the same canned 503, open loop at {rate}/s, the JPEG" for rate in RATES},
 }
 
 
@@ -88,17 +101,21 @@ def kept(k: float, r: float) -> float:
 def report(runs: dict[str, dict]) -> str:
     answer = runs["200"]["cpu_ms"]
     lines = [
-        f"Measured {time.strftime('%Y-%m-%d')} with `python -m bench.refusal_cost`: {CLIENTS} clients closed loop, "
-        "the digits PNG, the web workers' CPU per request. Kept at kx: the share of its capacity a CPU-bound web "
-        "tier keeps at k times it, refusing at that cost.",
+        f"Measured {time.strftime('%Y-%m-%d')} with `python -m bench.refusal_cost`: {CLIENTS} clients closed loop "
+        "posting the digits PNG, unless open loop at a rate posting the 640x480 JPEG of ResNet50's overload sweep; "
+        "the web workers' CPU per request. Kept at kx: the share of its capacity a CPU-bound web tier keeps at k "
+        "times it, refusing at that cost.",
         "",
         "| request | statuses | req/s | web CPU per request | share of a 200's | kept at 3x | kept at 10x |",
         "| --- | --- | ---: | ---: | ---: | ---: | ---: |",
     ]
     for key, run in runs.items():
         r = run["cpu_ms"] / answer
-        at_3, at_10 = ("-", "-") if key == "200" else (f"{kept(3, r):.0%}", f"{kept(10, r):.0%}")
-        figures = f"{run['statuses']} | {run['rps']:.0f} | {run['cpu_ms']:.3f} ms | {r:.0%} | {at_3} | {at_10}"
+        if key in ("app", "canned"):
+            share, at_3, at_10 = f"{r:.0%}", f"{kept(3, r):.0%}", f"{kept(10, r):.0%}"
+        else:  # the 200 itself; the open-loop rows post another image than the 200 measured beside them
+            share, at_3, at_10 = ("100%" if key == "200" else "-"), "-", "-"
+        figures = f"{run['statuses']} | {run['rps']:.0f} | {run['cpu_ms']:.3f} ms | {share} | {at_3} | {at_10}"
         lines.append(f"| {NAMES[key]} | {figures} |")
     return "\n".join(lines) + "\n"
 
