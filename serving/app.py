@@ -21,6 +21,7 @@ from serving.inference import InferenceClient
 from serving.pages import pages
 from serving.results import Inbox
 from serving.shedding import Shedder
+from serving.upload import client_bodies
 from serving.webtier import WebTier, authorized, finished
 from settings import Settings
 
@@ -50,6 +51,7 @@ def create_app(
     app.before_request(_start)
     app.before_request(_authorize)
     app.after_request(_finish)
+    app.wsgi_app = client_bodies(app.wsgi_app)  # a body the server cannot read is a 400, not a 500
     app.wsgi_app = Shedder(app.wsgi_app, app.extensions["serving"])  # in front of Flask: see its docstring
     return app
 

@@ -6,11 +6,12 @@ import base64
 import binascii
 import json
 import zlib
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
+from typing import IO
 
 from flask import Request
-from werkzeug.exceptions import RequestEntityTooLarge
+from werkzeug.exceptions import BadRequest, RequestEntityTooLarge
 from werkzeug.wsgi import LimitedStream
 
 from serving.errors import ApiError
@@ -34,6 +35,41 @@ class Upload:
     image: bytes
     options: dict[str, object]  # the OPTIONS the request gave, as given (JSON values or strings)
     timeouts: tuple[object, ...]  # timeout_ms from the body and the query string, as given
+
+
+class ClientBody:
+    """A request's body as the WSGI server reads it (wsgi.input), whose read errors are the client's: a 400.
+
+    The server raises as it reads what the client got wrong: gunicorn a malformed chunk or trailer
+    (InvalidChunkSize, ChunkMissingTerminator, InvalidHeader: none of them an OSError, which Werkzeug
+    would take for a disconnect) or a body cut off (NoMoreData). Each of those was a 500.
+    """
+
+    def __init__(self, stream: IO[bytes]) -> None:
+        self._stream = stream
+
+    def read(self, *size: int) -> bytes:
+        return self._read(self._stream.read, *size)
+
+    def readline(self, *size: int) -> bytes:
+        return self._read(self._stream.readline, *size)
+
+    @staticmethod
+    def _read(read: Callable[..., bytes], *size: int) -> bytes:
+        try:
+            return read(*size)
+        except Exception as exc:
+            raise BadRequest(f"the request's body could not be read ({type(exc).__name__}); send it again") from None
+
+
+def client_bodies(app: Callable) -> Callable:
+    """WSGI middleware: every request's body read through ClientBody."""
+
+    def with_client_body(environ: dict, start_response: Callable) -> Iterable[bytes]:
+        environ["wsgi.input"] = ClientBody(environ["wsgi.input"])
+        return app(environ, start_response)
+
+    return with_client_body
 
 
 def read_image(request: Request) -> Upload:

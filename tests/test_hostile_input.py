@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import base64
 import gzip
+import itertools
 import json
 import pathlib
 import socket
@@ -367,6 +368,29 @@ def test_requests_gunicorn_cannot_parse_get_the_contracts_json_too(make_stack):
         assert answer.headers["Content-Type"] == "application/json"
         assert answer.json()["success"] is False and answer.json()["error"]["code"] == code
         assert answer.json()["error"]["message"]
+
+
+@pytest.mark.processes
+def test_a_body_gunicorn_cannot_dechunk_is_a_400_in_each_apis_shape(make_stack):
+    """gunicorn raises as the app reads such a body; the client's mistake is no 500, and nothing is queued."""
+    stack = make_stack()
+    stack.model_server()
+    url = stack.web_server()
+    host, port = url.removeprefix("http://").split(":")
+    bad_chunks = [b"zz\r\nabc\r\n0\r\n\r\n", b"2\r\n{}XX0\r\n\r\n", b"0\r\nno colon in this trailer\r\n\r\n"]
+    targets = [("/predict", "application/json"), ("/predict", "multipart/form-data; boundary=x")]
+    targets += [("/v2/models/digits/infer", "application/json")]
+
+    for (path, content_type), chunks in itertools.product(targets, bad_chunks):
+        head = f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: {content_type}\r\nTransfer-Encoding: chunked\r\n"
+        answer = raw_answer(host, int(port), f"{head}Connection: close\r\n\r\n".encode() + chunks)
+
+        assert answer.status_code == 400, (path, chunks, answer.text)
+        error = answer.json()["error"]
+        message = error if path.startswith("/v2") else error["message"]  # each API's own error shape
+        assert "body could not be read" in message
+    assert requests.post(f"{url}/predict", files={"image": PNG}, timeout=30).status_code == 200
+    assert [size for size, _ in stack.batches()] == [1]  # the good request alone was computed
 
 
 def raw_answer(host: str, port: int, request: bytes) -> requests.Response:
