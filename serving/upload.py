@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import io
 import json
 import zlib
 from collections.abc import Callable, Iterable, Mapping
@@ -11,6 +12,7 @@ from dataclasses import dataclass
 from typing import IO
 
 from flask import Request
+from werkzeug.datastructures import MultiDict
 from werkzeug.exceptions import BadRequest, RequestEntityTooLarge
 from werkzeug.wsgi import LimitedStream
 
@@ -76,14 +78,25 @@ def read_image(request: Request) -> Upload:
     """The uploaded file's bytes and the options given with it."""
     if request.is_json:
         return _from_json(request)
-    upload = request.files.get("image")
+    form, files = _form(request)
+    upload = files.get("image")
     if upload is None:
         read_body(request)  # too large is a 413 whatever the body is: Werkzeug reads no chunked body but a form
-        raise ApiError(400, "missing_image", f"{_HOW}; {_what_came(request)}")
+        raise ApiError(400, "missing_image", f"{_HOW}; {_what_came(request, form, files)}")
     data = upload.read()
     if not data:  # also what a browser form sends when no file was chosen
         raise ApiError(400, "missing_image", f"the file in field 'image' is empty; {_HOW}")
-    return _upload(data, request.form, request.args)
+    return _upload(data, form, request.args)
+
+
+def _form(request: Request) -> tuple[MultiDict, MultiDict]:
+    """The form's fields and files; a compressed form is decompressed first, as a compressed JSON body is."""
+    if _content_encoding(request) in ("", "identity"):
+        return request.form, request.files
+    parser = request.make_form_data_parser()  # with the app's limits on parts and sizes
+    plain = read_body(request)
+    _, form, files = parser.parse(io.BytesIO(plain), request.mimetype, len(plain), request.mimetype_params)
+    return form, files
 
 
 def _upload(image: bytes, body: Mapping, query: Mapping) -> Upload:
@@ -97,11 +110,11 @@ def _upload(image: bytes, body: Mapping, query: Mapping) -> Upload:
     return Upload(image, options, (body.get(TIMEOUT_OPTION), query.get(TIMEOUT_OPTION)))
 
 
-def _what_came(request: Request) -> str:
+def _what_came(request: Request, form: MultiDict, files: MultiDict) -> str:
     """What the request held instead, so the client can see its mistake."""
-    if "image" in request.form:
+    if "image" in form:
         return "'image' came as a text field, not a file: with curl, put @ before the path"
-    fields = sorted({*request.files, *request.form})
+    fields = sorted({*files, *form})
     if fields:
         return f"fields received: {fields}"
     return f"received a {request.mimetype or 'untyped'} body with no form fields"
@@ -112,8 +125,12 @@ def read_body(request: Request) -> bytes:
     Content-Encoding says, or 413 when over the limit, compressed or not."""
     data = request.get_data()
     _refuse_cut_off_body(request)
-    encoding = request.headers.get("Content-Encoding", "identity").strip().lower()
+    encoding = _content_encoding(request)
     return data if encoding in ("", "identity") else _decompressed(data, encoding, request.max_content_length)
+
+
+def _content_encoding(request: Request) -> str:
+    return request.headers.get("Content-Encoding", "identity").strip().lower()
 
 
 def _decompressed(data: bytes, encoding: str, limit: int | None) -> bytes:
@@ -125,7 +142,8 @@ def _decompressed(data: bytes, encoding: str, limit: int | None) -> bytes:
     except zlib.error:
         raise ApiError(400, "bad_request", f"the body is not valid {encoding} data") from None
     if limit is not None and len(plain) > limit:
-        raise RequestEntityTooLarge()
+        message = f"the body unpacks to over {limit:,} bytes (MAX_UPLOAD_MB); send a smaller image"
+        raise ApiError(413, "too_large", message)
     if not decompressor.eof:
         raise ApiError(400, "bad_request", f"the body's {encoding} data is cut off")
     return plain

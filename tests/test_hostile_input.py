@@ -122,6 +122,11 @@ SHAPES = {
         400,
         "missing_image",
     ),
+    "form in a Content-Encoding not taken": (
+        dict(files={"image": ("a.png", PNG)}, headers={"Content-Encoding": "br"}),
+        400,
+        "bad_request",
+    ),
     "invalid JSON": (dict(data=b'{"image": ', headers=JSON), 400, "bad_request"),
     "JSON that is not UTF-8": (dict(data=b'{"image": "\xff\xfe"}', headers=JSON), 400, "bad_request"),
     "JSON array": (dict(json=["image", "iVBORw0KGgo="]), 400, "bad_request"),
@@ -281,6 +286,25 @@ def test_a_json_body_over_the_limit_is_413(r, served, client):
     response = send(client, data=json_just_over_the_limit(), headers=JSON)
 
     assert_rejected(r, served, response, 413, "too_large")
+
+
+def test_a_body_that_unpacks_over_the_limit_is_413_and_says_so(r, served, client):
+    bomb = gzip.compress(b" " * (LIMIT + 1))  # JSON whitespace: a few KB packed
+
+    response = send(client, data=bomb, headers={**JSON, "Content-Encoding": "gzip"})
+
+    assert "unpacks to over" in assert_rejected(r, served, response, 413, "too_large")["message"]
+
+
+def test_a_compressed_form_is_read_as_a_compressed_json_body_is(served, client):
+    form = requests.Request("POST", "http://x", files={"image": ("a.png", PNG)}, data={"top_k": "2"}).prepare()
+    headers = {"Content-Type": form.headers["Content-Type"], "Content-Encoding": "gzip"}
+
+    response = send(client, data=gzip.compress(form.body), headers=headers)
+
+    assert response.status_code == 200, response.text
+    assert len(response.json["predictions"]) == 2  # its fields are read from the unpacked body too
+    assert served.computed == [response.headers["X-Request-ID"]]
 
 
 # Chunked bodies over real HTTP: the WSGI server dechunks them (and says so in wsgi.input_terminated).
