@@ -413,8 +413,10 @@ def test_a_body_gunicorn_cannot_dechunk_is_a_400_in_each_apis_shape(make_stack):
         error = answer.json()["error"]
         message = error if path.startswith("/v2") else error["message"]  # each API's own error shape
         assert "body could not be read" in message
-    assert requests.post(f"{url}/predict", files={"image": PNG}, timeout=30).status_code == 200
-    assert [size for size, _ in stack.batches()] == [1]  # the good request alone was computed
+    good = requests.post(f"{url}/predict", files={"image": PNG}, timeout=30)
+    assert good.status_code == 200
+    stack.wait_logged([good.headers["X-Request-ID"]])
+    assert stack.batches() == [(1, [good.headers["X-Request-ID"]])]  # the good request alone was computed
 
 
 def raw_answer(host: str, port: int, request: bytes) -> requests.Response:
