@@ -7,9 +7,9 @@ import binascii
 import io
 import json
 import zlib
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
-from typing import IO
+from typing import IO, TypeVar
 
 from flask import Request
 from werkzeug.datastructures import MultiDict
@@ -30,6 +30,7 @@ MAX_TIMEOUT_MS = 999_999_999  # the longest a request may ask for (REQUEST_TIMEO
 TIMEOUT_HEADER = "X-Request-Timeout-Ms"
 # Compressed bodies a client may send (tritonclient's request_compression_algorithm): zlib's window bits for each.
 _CONTENT_ENCODINGS = {"gzip": 16 + zlib.MAX_WBITS, "x-gzip": 16 + zlib.MAX_WBITS, "deflate": zlib.MAX_WBITS}
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -56,8 +57,14 @@ class ClientBody:
     def readline(self, *size: int) -> bytes:
         return self._read(self._stream.readline, *size)
 
+    def readlines(self, *hint: int) -> list[bytes]:
+        return self._read(self._stream.readlines, *hint)
+
+    def __iter__(self) -> Iterator[bytes]:  # all four that PEP 3333 asks of wsgi.input
+        return iter(self.readline, b"")
+
     @staticmethod
-    def _read(read: Callable[..., bytes], *size: int) -> bytes:
+    def _read(read: Callable[..., T], *size: int) -> T:
         try:
             return read(*size)
         except Exception as exc:
@@ -91,7 +98,7 @@ def read_image(request: Request) -> Upload:
 
 def _form(request: Request) -> tuple[MultiDict, MultiDict]:
     """The form's fields and files; a compressed form is decompressed first, as a compressed JSON body is."""
-    if _content_encoding(request) in ("", "identity"):
+    if not _content_encoding(request):
         return request.form, request.files
     parser = request.make_form_data_parser()  # with the app's limits on parts and sizes
     plain = read_body(request)
@@ -126,11 +133,13 @@ def read_body(request: Request) -> bytes:
     data = request.get_data()
     _refuse_cut_off_body(request)
     encoding = _content_encoding(request)
-    return data if encoding in ("", "identity") else _decompressed(data, encoding, request.max_content_length)
+    return _decompressed(data, encoding, request.max_content_length) if encoding else data
 
 
 def _content_encoding(request: Request) -> str:
-    return request.headers.get("Content-Encoding", "identity").strip().lower()
+    """The body's Content-Encoding in lower case; "" for none (identity)."""
+    encoding = request.headers.get("Content-Encoding", "").strip().lower()
+    return "" if encoding == "identity" else encoding
 
 
 def _decompressed(data: bytes, encoding: str, limit: int | None) -> bytes:
