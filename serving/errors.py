@@ -1,7 +1,9 @@
 """The web tier's errors, answered as the contract's JSON: {"success": false, "error": {code, message}}.
 
 Routes under a prefix with a protocol of its own answer in that protocol's shape instead (the Open
-Inference Protocol's {"error": message} under /v2), whatever raised the error, routing included.
+Inference Protocol's {"error": message} under /v2), whatever raised the error, routing included. What
+gunicorn refuses before the app sees it (serving.gunicorn_worker.json_error) has no path yet, and
+answers in the contract's shape.
 """
 
 from __future__ import annotations
