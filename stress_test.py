@@ -41,6 +41,7 @@ monkey.patch_all()
 import argparse
 import itertools
 import json
+import math
 import mimetypes
 import os
 import resource
@@ -110,13 +111,16 @@ results:
 
 
 def positive(kind: Callable[[str], Any]) -> Callable[[str], Any]:
-    """An argparse type: `kind` (int or float) that must be greater than zero."""
+    """An argparse type: `kind` (int or float) that must be greater than zero, and finite: nan passes every
+    comparison, and an infinite rate or duration never ends a run."""
 
     def convert(text: str) -> Any:
         try:
             value = kind(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+        if not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"must be a finite number: {text!r}")
         if value <= 0:
             raise argparse.ArgumentTypeError(f"must be greater than 0: {text!r}")
         return value

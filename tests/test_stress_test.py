@@ -285,6 +285,9 @@ def test_an_early_answer_to_a_large_upload_is_counted(tmp_path):
         (["--image", "{image}", "--requests", "1", "--duration", "1"], "not allowed"),
         (["--image", "{image}", "--requests", "1", "--concurrency", "2", "--rate", "1"], "not allowed"),
         (["--image", "{image}", "--requests", "0"], "greater than 0"),
+        (["--image", "{image}", "--duration", "nan"], "finite"),
+        (["--image", "{image}", "--duration", "1", "--rate", "inf"], "finite"),
+        (["--image", "{image}", "--requests", "1", "--timeout", "nan"], "finite"),
         (["--image", "{image}", "--requests", "1", "--warm-up", "1"], "--warm-up goes with --duration"),
     ],
 )
