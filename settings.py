@@ -109,11 +109,9 @@ class Settings:
             raise SystemExit(f"setting REDIS_URL={self.redis_url!r} {problem}: e.g. redis://:password@host:6379/0")
         if self.log_level not in LOG_LEVELS:
             raise SystemExit(f"setting LOG_LEVEL={self.log_level!r} must be one of {', '.join(LOG_LEVELS)}")
-        if not MODEL_NAME_PATTERN.fullmatch(self.model_name):
-            raise SystemExit(
-                f"setting MODEL_NAME={self.model_name!r}: use up to 64 letters, digits, '.', '_' or '-', "
-                "starting with a letter or digit"
-            )
+        _check_model_name("MODEL_NAME", self.model_name)
+        if self.default_model:  # a name no model server could take would route every request nowhere
+            _check_model_name("DEFAULT_MODEL", self.default_model)
         if self.log_format not in ("text", "json"):
             raise SystemExit(f"setting LOG_FORMAT={self.log_format!r} must be text or json")
 
@@ -145,6 +143,12 @@ def redis_url_problem(url: str) -> str | None:
     if parts.scheme != "unix" and not (parts.path.strip("/") or "0").isdigit():
         return "has a database that is not a number"
     return None
+
+
+def _check_model_name(setting: str, name: str) -> None:
+    if not MODEL_NAME_PATTERN.fullmatch(name):
+        rule = "use up to 64 letters, digits, '.', '_' or '-', starting with a letter or digit"
+        raise SystemExit(f"setting {setting}={name!r}: {rule}")
 
 
 def default_model_name(model: str) -> str:

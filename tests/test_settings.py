@@ -23,6 +23,7 @@ def test_each_field_comes_from_the_variable_of_its_name():
         ({"BATCH_SIZE": "0"}, "BATCH_SIZE=0 must be at least 1"),
         ({"REQUEST_TIMEOUT_S": "soon"}, "REQUEST_TIMEOUT_S='soon' must be a number"),
         ({"MODEL_NAME": "a b"}, "MODEL_NAME='a b'"),
+        ({"DEFAULT_MODEL": "a/b"}, "DEFAULT_MODEL='a/b'"),
         ({"LOG_FORMAT": "xml"}, "LOG_FORMAT='xml'"),
         ({"MODEL_VERSION": "1" + "0" * 15}, "MODEL_VERSION=1000000000000000 must be at most 999,999,999,999,999"),
         ({"REQUEST_TIMEOUT_S": "nan"}, "REQUEST_TIMEOUT_S=nan must be a finite number"),
