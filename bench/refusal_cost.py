@@ -17,6 +17,7 @@ Writes bench/results/refusal_cost.md.
 
 from __future__ import annotations
 
+import pathlib
 import socket
 import subprocess
 import sys
@@ -39,11 +40,16 @@ def app(environ: dict, start_response) -> list[bytes]:  # noqa: ANN001 (WSGI's s
 
 
 def cpu_per_request(
-    web_pid: int, url: str, duration: float, path: str = "/predict", load: tuple[str, str] = CLOSED_LOOP
+    web_pid: int,
+    url: str,
+    duration: float,
+    path: str = "/predict",
+    load: tuple[str, str] = CLOSED_LOOP,
+    image: pathlib.Path | None = None,
 ) -> dict:
-    """One run after a warm-up (closed loop unless `load` says otherwise): its statuses and the web workers'
-    CPU milliseconds per request."""
-    image = model_spec("digits").image if load == CLOSED_LOOP else photo()
+    """One run after a warm-up (closed loop with the digits PNG unless `load` and `image` say otherwise): its
+    statuses and the web workers' CPU milliseconds per request."""
+    image = image or model_spec("digits").image
     stress(url, image, "--duration", str(WARM_UP_S), *load, path=path)
     before = cpu_seconds(web_pid)
     run = stress(url, image, "--duration", str(duration), *load, path=path)
@@ -67,10 +73,11 @@ def measure(duration: float) -> dict[str, dict]:
     canned = subprocess.Popen([sys.executable, "-m", "gunicorn", *options, *bind, "bench.refusal_cost:app"], cwd=REPO)
     try:
         wait_until(lambda: accepts(port), 30, "the canned server")  # the warm-up run covers its workers' boot
-        runs["canned"] = cpu_per_request(canned.pid, f"http://127.0.0.1:{port}", duration)
+        canned_url = f"http://127.0.0.1:{port}"
+        runs["canned"] = cpu_per_request(canned.pid, canned_url, duration)
         for rate in RATES:
             runs[f"open {rate}"] = cpu_per_request(
-                canned.pid, f"http://127.0.0.1:{port}", duration, load=("--rate", str(rate))
+                canned.pid, canned_url, duration, load=("--rate", str(rate)), image=photo()
             )
     finally:
         stop(canned)
