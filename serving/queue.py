@@ -19,11 +19,14 @@ from serving import wire
 
 # Push every job of a request, or none: refused at once when no model server has been alive for a
 # while, or when the queue already holds `limit` jobs. The length check cannot race another worker.
+# With ARGV[2] == 'registered', also refused when no model server of the version is registered (the
+# last one left, or a restarted one has not announced itself yet).
 _SUBMIT = """
+if ARGV[2] == 'registered' and redis.call('SCARD', KEYS[3]) == 0 then return {-3, 0} end
 if redis.call('EXISTS', KEYS[2]) == 0 then return {-2, 0} end
 local depth = redis.call('LLEN', KEYS[1])
-if depth + #ARGV - 1 > tonumber(ARGV[1]) then return {-1, depth} end
-redis.call('LPUSH', KEYS[1], unpack(ARGV, 2))
+if depth + #ARGV - 2 > tonumber(ARGV[1]) then return {-1, depth} end
+redis.call('LPUSH', KEYS[1], unpack(ARGV, 3))
 return {1, depth}
 """
 
@@ -52,13 +55,19 @@ class Submitted(Enum):
     QUEUED = "queued"
     FULL = "full"
     NO_SERVER = "no_server"
+    NOT_REGISTERED = "not_registered"
 
 
-def submit(r: redis.Redis, keys: wire.ModelKeys, jobs: list[wire.Job], limit: int) -> tuple[Submitted, int]:
-    """Queue every job, or none when the queue would pass `limit`; the status and the depth found."""
+def submit(
+    r: redis.Redis, keys: wire.ModelKeys, jobs: list[wire.Job], limit: int, registered: bool = False
+) -> tuple[Submitted, int]:
+    """Queue every job, or none when the queue would pass `limit`, or when `registered` asks for a registered
+    model server of the version and there is none; the status and the depth found."""
     script = r.register_script(_SUBMIT)  # only hashes the text: EVALSHA after the first call
-    status, depth = script(keys=[keys.queue, keys.alive], args=[limit, *(job.encode() for job in jobs)])
-    return {-2: Submitted.NO_SERVER, -1: Submitted.FULL}.get(status, Submitted.QUEUED), depth
+    args = [limit, "registered" if registered else "", *(job.encode() for job in jobs)]
+    status, depth = script(keys=[keys.queue, keys.alive, keys.servers], args=args)
+    statuses = {-3: Submitted.NOT_REGISTERED, -2: Submitted.NO_SERVER, -1: Submitted.FULL}
+    return statuses.get(status, Submitted.QUEUED), depth
 
 
 def depth(r: redis.Redis, keys: wire.ModelKeys) -> int:

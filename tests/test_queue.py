@@ -54,6 +54,15 @@ def test_submit_refuses_when_no_model_server_was_alive_lately(r):
     assert r.llen(KEYS.queue) == 0
 
 
+def test_submit_asked_for_a_registered_server_refuses_once_the_last_one_left(r, alive):
+    """A version kept alive for its grace, whose servers have all deregistered (a graceful stop)."""
+    assert queue.submit(r, KEYS, [job("a")], limit=10, registered=True)[0] is queue.Submitted.NOT_REGISTERED
+    assert queue.submit(r, KEYS, [job("b")], limit=10)[0] is queue.Submitted.QUEUED  # not asked: it waits
+    r.sadd(KEYS.servers, "server-1")
+    assert queue.submit(r, KEYS, [job("c")], limit=10, registered=True)[0] is queue.Submitted.QUEUED
+    assert ids(r.lrange(KEYS.queue, 0, -1)) == ["c", "b"]
+
+
 def test_answers_reach_each_web_workers_inbox_and_clear_the_inflight_list(r, alive):
     queue.submit(r, KEYS, [job("a", "w1"), job("b", "w2"), job("c", "w1")], limit=10)
     server = queue.ServerQueue(r, KEYS, "s1")
