@@ -6,9 +6,9 @@ import redis
 from flask import Blueprint, Response, g, jsonify, request
 
 from serving import metrics
-from serving.dispatch import admit_early, infer, pixels_of, resolve
+from serving.dispatch import admit_early, infer, pixels_of, routed
 from serving.registry import ModelState
-from serving.upload import TIMEOUT_HEADER, parse_timeout, parse_top_k, read_image
+from serving.upload import TIMEOUT_HEADER, Upload, parse_timeout, parse_top_k, read_image
 from serving.webtier import public, tier
 
 api = Blueprint("api", __name__)
@@ -16,16 +16,22 @@ api = Blueprint("api", __name__)
 
 @api.post("/predict")
 def predict() -> Response:
-    t = tier()
-    arrived = t.clock.now()  # the deadline counts from arrival: reading and decoding count too
+    arrived = tier().clock.now()  # the deadline counts from arrival: reading and decoding count too
     upload = read_image(request)
-    model = resolve(upload.options.get("model"), upload.options.get("version"))
-    info = model.info
+    return routed(
+        upload.options.get("model"),
+        upload.options.get("version"),
+        lambda model, registered: _predicted(upload, model, arrived, registered),
+    )
+
+
+def _predicted(upload: Upload, model: ModelState, arrived: float, registered: bool) -> Response:
+    t, info = tier(), model.info
     top_k = parse_top_k(upload.options.get("top_k"), t.settings.top_k, info.num_classes)
     timeout_s = parse_timeout(t.settings.request_timeout_s, upload.timeouts, request.headers.get(TIMEOUT_HEADER))
     deadline = arrived + timeout_s
     admit_early(model, 1, deadline, timeout_s)  # before decoding, the expensive part: refusals stay cheap
-    (result,) = infer(model, [pixels_of(upload.image, info)], top_k, deadline, timeout_s)
+    (result,) = infer(model, [pixels_of(upload.image, info)], top_k, deadline, timeout_s, registered)
     predictions = [{"label": info.labels[i], "probability": p} for i, p in result.top]
     response = jsonify(success=True, request_id=g.request_id, model=info.name, predictions=predictions)
     response.headers["X-Model-Version"] = str(model.keys.version)  # which version answered, e.g. in a rollout

@@ -6,8 +6,9 @@ Each API renders an ApiError in its own shape (serving.errors), so the rules liv
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from typing import TypeVar
 
 import numpy as np
 from flask import g, request
@@ -15,10 +16,12 @@ from flask import g, request
 from serving import images, wire
 from serving.catalog import NoModel, NoModelNamed, UnknownModel
 from serving.errors import ApiError
-from serving.inference import Refused, TimedOut
+from serving.inference import NotServed, Refused, TimedOut
 from serving.registry import ModelState
 from serving.upload import parse_model, parse_version
 from serving.webtier import client_gone, tier
+
+T = TypeVar("T")
 
 # What a model server's failure code means to a client: HTTP status and the contract's code.
 _FAILURES = {
@@ -45,6 +48,30 @@ def resolve(raw_model: object, raw_version: object) -> ModelState:
         raise ApiError(503, "unavailable", message, {"Retry-After": "1"})
     g.model = model.keys  # the request's metrics are labelled with it
     return model
+
+
+def routed(raw_model: object, raw_version: object, serve: Callable[[ModelState, bool], T]) -> T:
+    """serve(the model version the request goes to, whether its jobs must not be queued where no model server
+    is registered): the request's answer.
+
+    A request naming no version goes to the highest with a live server. A stopping model server leaves the
+    registry at once, but a web worker reads it only every REFRESH_S: in between, such a request would wait
+    on the queue of a version that no server takes from any more, while a lower one is live. So it is not
+    queued there, and is served again where it goes now."""
+    model = resolve(raw_model, raw_version)
+    if parse_version(raw_version) is not None or not _other_live_version(model):
+        return serve(model, False)  # it waits for its version's servers, e.g. while the only one restarts
+    try:
+        return serve(model, True)
+    except NotServed:
+        tier().catalog.forget()
+        return serve(resolve(raw_model, raw_version), False)
+
+
+def _other_live_version(model: ModelState) -> bool:
+    """Whether the catalog knows a version of the same model, other than this one, with a live server."""
+    others = [state for state in tier().catalog.states() if state.keys.name == model.keys.name]
+    return any(state.ready and state.keys != model.keys for state in others)
 
 
 def pixels_of(image_file: bytes, info: wire.ModelInfo) -> np.ndarray:
@@ -82,12 +109,18 @@ def admit_early(model: ModelState, count: int, deadline: float, timeout_s: float
 
 
 def infer(
-    model: ModelState, pixels: list[np.ndarray], top_k: int | None, deadline: float, timeout_s: float
+    model: ModelState,
+    pixels: list[np.ndarray],
+    top_k: int | None,
+    deadline: float,
+    timeout_s: float,
+    registered: bool = False,
 ) -> list[wire.Result]:
-    """The model tier's results for these images, or the ApiError that says why not."""
+    """The model tier's results for these images, or the ApiError that says why not; NotServed (for routed)
+    with `registered` when the version has no registered model server."""
     t = tier()
     with refusals_as_http(timeout_s):
-        results = t.inference.infer(g.request_id, model, pixels, top_k, deadline)
+        results = t.inference.infer(g.request_id, model, pixels, top_k, deadline, registered)
     for result in results:
         if result.error_code == "model_changed":
             # The model was replaced under its name: read what its servers publish now, so the

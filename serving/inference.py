@@ -35,6 +35,10 @@ class Refused(Exception):
         return str(max(1, math.ceil(self.retry_after_s)))
 
 
+class NotServed(Exception):
+    """Not queued: the version has no registered model server (its last one left since the registry was read)."""
+
+
 class TimedOut(Exception):
     """The deadline passed before every answer came, or `message` says why no answer could come in time."""
 
@@ -99,9 +103,16 @@ class InferenceClient:
         return max(0, depth - estimate.drained(time.monotonic() - seen_at))
 
     def infer(
-        self, request_id: str, model: ModelState, images: list[np.ndarray], top_k: int | None, deadline: float
+        self,
+        request_id: str,
+        model: ModelState,
+        images: list[np.ndarray],
+        top_k: int | None,
+        deadline: float,
+        registered: bool = False,
     ) -> list[wire.Result]:
-        """One result per image, in order; `deadline` is on Redis' clock (serving.clock).
+        """One result per image, in order; `deadline` is on Redis' clock (serving.clock). With `registered`,
+        NotServed instead of queueing when the version has no registered model server.
 
         The job of a lone image carries the request's id; several are numbered: "<id>/0", "<id>/1", ...
         """
@@ -110,7 +121,7 @@ class InferenceClient:
         jobs = [wire.Job(i, reply_to, pixels, deadline, top_k) for i, pixels in zip(ids, images, strict=True)]
         estimate, limit = self._admission(model, len(jobs), deadline)
         with self.inbox.expect(model.keys, ids) as expected:
-            self._submit(model, jobs, estimate, limit)
+            self._submit(model, jobs, estimate, limit, registered)
             results = expected.wait(deadline - self.clock.now())
         if len(results) < len(ids):
             raise TimedOut()
@@ -134,9 +145,13 @@ class InferenceClient:
         estimate = Estimate(model.speeds, model.held)
         return estimate, admission.limit(estimate, remaining, self.queue_limit)
 
-    def _submit(self, model: ModelState, jobs: list[wire.Job], estimate: Estimate, limit: Limit) -> None:
+    def _submit(
+        self, model: ModelState, jobs: list[wire.Job], estimate: Estimate, limit: Limit, registered: bool
+    ) -> None:
         """Queue every job in one atomic step that refuses them all when the queue would pass the limit."""
-        status, depth = queue.submit(self.r, model.keys, jobs, limit.depth)
+        status, depth = queue.submit(self.r, model.keys, jobs, limit.depth, registered)
+        if status is queue.Submitted.NOT_REGISTERED:
+            raise NotServed()
         self._seen[model.keys] = (depth + (len(jobs) if status is queue.Submitted.QUEUED else 0), time.monotonic())
         if status is queue.Submitted.FULL:
             raise self._refusal(model, estimate, limit, depth, len(jobs))

@@ -16,8 +16,9 @@ import numpy as np
 from flask import Blueprint, Response, g, jsonify, request
 
 from serving import tensors, wire
-from serving.dispatch import admit_early, infer, pixels_of, resolve
+from serving.dispatch import admit_early, infer, pixels_of, resolve, routed
 from serving.errors import ApiError
+from serving.registry import ModelState
 from serving.upload import TIMEOUT_HEADER, b64decode, parse_timeout, read_body
 from serving.webtier import public, tier
 
@@ -85,13 +86,17 @@ def model_infer(name: str, version: str | None = None) -> Response:
     # The protocol has no timeout of its own here: the header /predict takes may shorten REQUEST_TIMEOUT_S.
     timeout_s = parse_timeout(t.settings.request_timeout_s, header=request.headers.get(TIMEOUT_HEADER))
     deadline = t.clock.now() + timeout_s  # from arrival: decoding counts too
-    model = resolve(name, version)  # the URL first: an unknown model is a 404 whatever the body holds
+    # The URL first: an unknown model is a 404 whatever the body holds.
+    return routed(name, version, lambda model, registered: _inferred(model, deadline, timeout_s, registered))
+
+
+def _inferred(model: ModelState, deadline: float, timeout_s: float, registered: bool) -> Response:
     body = _read(read_body(request), request.headers.get(tensors.HEADER_LENGTH))
     wanted = _requested(body, model.info)
     tensor = _input(body.inputs, model.info)
     admit_early(model, len(tensor.data), deadline, timeout_s)  # before decoding
     pixels = _pixels(tensor, model.info, deadline)
-    results = infer(model, pixels, wanted.classification or None, deadline, timeout_s)
+    results = infer(model, pixels, wanted.classification or None, deadline, timeout_s, registered)
     output = _classes(results, model.info) if wanted.classification else _probabilities(results)
     request_id = g.request_id if body.id is None else body.id  # echoed as given, "" too
     header = {"model_name": model.keys.name, "model_version": str(model.keys.version), "id": request_id}

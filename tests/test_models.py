@@ -126,10 +126,32 @@ def test_without_a_version_the_highest_with_a_live_server_answers(model_servers,
     assert upload(client, DIGIT, version="1").headers["X-Model-Version"] == "1"  # both run: a canary
 
     model_servers.stop(v2)
-    # Requests sent in the moment before the web tier sees v2 gone would wait on its queue (README).
+    # The moment before the web tier reads the registry again: the next test.
     wait_until(lambda: catalog.resolve("digits", None).keys.version == 1, 10, "v2 seen gone")
     assert upload(client, DIGIT).headers["X-Model-Version"] == "1"
     assert ids_computed_by(model_servers, v1) and ids_computed_by(model_servers, v2)
+
+
+def test_a_request_naming_no_version_moves_when_its_version_just_lost_its_last_server(
+    model_servers, digits, digits_v2, make_app, r
+):
+    """A stopping server leaves the registry at once, but a web worker reads it only every REFRESH_S: a request
+    naming no version goes where it would go now, as the contract says, not to wait on the stopped version."""
+    app = make_app()
+    client, catalog = app.test_client(), app.extensions["serving"].catalog
+    v1 = model_servers.start(digits)
+    v2 = model_servers.start(digits_v2)
+    wait_until(lambda: catalog.resolve("digits", None).keys.version == 2, 10, "v2 seen")
+    catalog.refresh_s = math.inf  # held in the moment before this worker reads the registry again
+    model_servers.stop(v2)
+    tensor = {"name": "image", "datatype": "BYTES", "shape": [1], "data": [base64.b64encode(DIGIT).decode()]}
+
+    answers = [upload(client, DIGIT), client.post("/v2/models/digits/infer", json={"inputs": [tensor]})]
+
+    assert [a.status_code for a in answers] == [200, 200], [a.json for a in answers]
+    assert answers[0].headers["X-Model-Version"] == answers[1].json["model_version"] == "1"
+    assert len(ids_computed_by(model_servers, v1)) == 2
+    assert r.llen(wire.ModelKeys("digits", 2).queue) == 0  # nothing left waiting for a server that is gone
 
 
 def test_models_lists_every_model_with_versions_shape_classes_and_readiness(two_models, digits_v2, client):
