@@ -73,6 +73,7 @@ IDLE_CHECK_S = 0.5
 RECV_SIZE = 64 * 1024
 # Beyond these the client may have limited the load (see bottleneck_warning).
 CPU_WARNING_PERCENT = 90.0
+CPU_WARNING_MIN_S = 1.0  # a shorter run's CPU share is its own start and end, not a limit on the load
 LAG_WARNING_MS = 10.0
 PERCENTILES = (50, 90, 95, 99)
 # Open files besides the client sockets: the interpreter's, numpy's, the outputs.
@@ -695,7 +696,7 @@ def bottleneck_warning(summary: dict[str, Any]) -> str | None:
     cpu = summary["client_cpu_percent"]
     lag = summary.get("schedule_lag_ms", {}).get("p99", 0.0)
     reasons = []
-    if cpu >= CPU_WARNING_PERCENT:
+    if cpu >= CPU_WARNING_PERCENT and summary["duration_s"] >= CPU_WARNING_MIN_S:
         reasons.append(f"it used {cpu:.0f}% of a core")
     if lag >= LAG_WARNING_MS:
         reasons.append(f"it sent requests {lag:.0f} ms late against the schedule at p99")
