@@ -759,11 +759,12 @@ def write_plot(rec: Recorder, path: str) -> None:
     timeline.legend(loc="upper left")
     answered_ms = np.asarray(rec.answered) * 1000.0
     histogram.hist(answered_ms, bins=60, color="tab:blue")
-    for p, style in ((50, "--"), (99, ":")):
-        value = np.percentile(answered_ms, p) if answered_ms.size else 0.0
-        histogram.axvline(value, color="black", linestyle=style, label=f"p{p} {value:.1f} ms")
+    if answered_ms.size:  # with no answer there is no percentile to draw
+        for p, style in ((50, "--"), (99, ":")):
+            value = np.percentile(answered_ms, p)
+            histogram.axvline(value, color="black", linestyle=style, label=f"p{p} {value:.1f} ms")
+        histogram.legend()
     histogram.set(xlabel="latency (ms)", ylabel="requests", title=f"Latency of {answered_ms.size} answered requests")
-    histogram.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
