@@ -87,7 +87,10 @@ def client_gone(environ: dict) -> bool:
     connection = environ.get("gunicorn.socket")
     if connection is None:
         return False
-    probe = _PlainSocket(fileno=connection.fileno())
+    try:
+        probe = _PlainSocket(fileno=connection.fileno())
+    except (OSError, ValueError):  # the server has closed it already
+        return True
     try:
         return probe.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
     except BlockingIOError:  # open, and nothing more sent yet

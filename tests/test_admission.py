@@ -462,6 +462,19 @@ def test_a_request_whose_client_closed_its_connection_is_neither_decoded_nor_que
     assert requests_counted(client, "/predict", 499) == 1
 
 
+def test_a_request_whose_connection_the_server_closed_already_is_not_queued(r, make_app):
+    announce(r, ONE_A_SECOND)
+    client = make_app(request_timeout_s=TIMEOUT_S).test_client()
+    server_end, client_end = socket.socketpair()
+    server_end.close()
+
+    with client_end:
+        response = post_over(client, server_end)
+
+    assert response.status_code == 499
+    assert r.llen(KEYS.queue) == 0
+
+
 def test_a_client_that_waits_or_sent_its_next_request_is_served_and_one_that_half_closed_is_told(client, served):
     server_end, client_end = socket.socketpair()
     with server_end, client_end:
