@@ -79,7 +79,7 @@ def main() -> int:
     name = connections.client_name("model", settings.model_name)
     r = connections.connect(settings.redis_url, socket_timeout=BLOCK_S + 5, name=name)
     keys = wire.ModelKeys(settings.model_name, settings.model_version)
-    with registry.starting(r, keys, settings.heartbeat_s, settings.no_server_grace_s):
+    with registry.starting(r, keys, settings.heartbeat_s, settings.alive_ttl_s):
         server = warmed_up(settings, r)
     if server is None:
         return 2

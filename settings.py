@@ -128,6 +128,12 @@ class Settings:
     def max_upload_bytes(self) -> int:
         return int(self.max_upload_mb * 1024 * 1024)
 
+    @property
+    def alive_ttl_s(self) -> float:
+        """How long a model version counts as alive after a beat of one of its servers: NO_SERVER_GRACE_S
+        from when the next beat was due, so that a grace shorter than HEARTBEAT_S does not lapse between beats."""
+        return self.no_server_grace_s + self.heartbeat_s
+
 
 def redis_url_problem(url: str) -> str | None:
     """What keeps redis-py from reading `url`, in words; None when nothing does."""

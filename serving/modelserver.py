@@ -287,7 +287,7 @@ class ModelServer:
 
     def _beat(self) -> None:
         s = self.settings
-        self.registration.beat(self.clock.now(), s.heartbeat_ttl_s, s.no_server_grace_s, speed=self.meter.speed())
+        self.registration.beat(self.clock.now(), s.heartbeat_ttl_s, s.alive_ttl_s, speed=self.meter.speed())
 
     def _heartbeat(self) -> None:
         """In its own thread so a long predict never makes this server look dead."""

@@ -139,6 +139,8 @@ def test_a_restart_slower_than_the_grace_keeps_the_requests_for_the_replacement(
     with ThreadPoolExecutor(2) as pool:
         replacement = pool.submit(stack.model_server)  # ...and its replacement starts
         time.sleep(2)  # past the grace of the server that left
+        # Importing TensorFlow comes first, and takes longer than that on a busy machine.
+        wait_until(lambda: stack.redis().exists(DIGITS.alive), 60, "the replacement holding its version alive")
         assert not replacement.done(), "the replacement started before the grace was over: nothing tested"
         response = pool.submit(upload, client, DIGIT)
         assert response.result(timeout=180).status_code == 200  # queued, and answered once it serves
