@@ -121,8 +121,12 @@ class InferenceClient:
         jobs = [wire.Job(i, reply_to, pixels, deadline, top_k) for i, pixels in zip(ids, images, strict=True)]
         estimate, limit = self._admission(model, len(jobs), deadline)
         with self.inbox.expect(model.keys, ids) as expected:
-            self._submit(model, jobs, estimate, limit, registered)
+            self._submit(model, jobs, estimate, limit, "registered" if registered else "alive")
             results = expected.wait(deadline - self.clock.now())
+            while lost := expected.lost():  # Redis restarted: its copies are gone, this worker's are not
+                # Queued even before a model server is back in the new Redis: each comes on its next heartbeat.
+                self._submit(model, [job for job in jobs if job.request_id in lost], estimate, limit, "nothing")
+                results |= expected.wait(deadline - self.clock.now())
         if len(results) < len(ids):
             raise TimedOut()
         return [results[i] for i in ids]
@@ -146,10 +150,11 @@ class InferenceClient:
         return estimate, admission.limit(estimate, remaining, self.queue_limit)
 
     def _submit(
-        self, model: ModelState, jobs: list[wire.Job], estimate: Estimate, limit: Limit, registered: bool
+        self, model: ModelState, jobs: list[wire.Job], estimate: Estimate, limit: Limit, needs: queue.Needs
     ) -> None:
-        """Queue every job in one atomic step that refuses them all when the queue would pass the limit."""
-        status, depth = queue.submit(self.r, model.keys, jobs, limit.depth, registered)
+        """Queue every job in one atomic step that refuses them all when the queue would pass the limit, or
+        when the model tier lacks what `needs` names (queue.submit)."""
+        status, depth = queue.submit(self.r, model.keys, jobs, limit.depth, needs)
         if status is queue.Submitted.NOT_REGISTERED:
             raise NotServed()
         self._seen[model.keys] = (depth + (len(jobs) if status is queue.Submitted.QUEUED else 0), time.monotonic())

@@ -12,18 +12,19 @@ from __future__ import annotations
 import time
 from collections import defaultdict
 from enum import Enum
+from typing import Literal
 
 import redis
 
 from serving import wire
 
-# Push every job of a request, or none: refused at once when no model server has been alive for a
-# while, or when the queue already holds `limit` jobs. The length check cannot race another worker.
-# With ARGV[2] == 'registered', also refused when no model server of the version is registered (the
-# last one left, or a restarted one has not announced itself yet).
+# Push every job of a request, or none: refused at once when the queue already holds `limit` jobs (the
+# length check cannot race another worker), and by what ARGV[2] needs of the model tier: 'alive' when
+# no model server has been alive for a while; 'registered' also when no model server of the version is
+# registered (the last one left, or a restarted one has not announced itself yet); 'nothing' never.
 _SUBMIT = """
 if ARGV[2] == 'registered' and redis.call('SCARD', KEYS[3]) == 0 then return {-3, 0} end
-if redis.call('EXISTS', KEYS[2]) == 0 then return {-2, 0} end
+if ARGV[2] ~= 'nothing' and redis.call('EXISTS', KEYS[2]) == 0 then return {-2, 0} end
 local depth = redis.call('LLEN', KEYS[1])
 if depth + #ARGV - 2 > tonumber(ARGV[1]) then return {-1, depth} end
 redis.call('LPUSH', KEYS[1], unpack(ARGV, 3))
@@ -51,6 +52,9 @@ INFLIGHT_SLOTS = 3
 _ANSWERED = "answered"
 
 
+Needs = Literal["alive", "registered", "nothing"]
+
+
 class Submitted(Enum):
     QUEUED = "queued"
     FULL = "full"
@@ -59,12 +63,13 @@ class Submitted(Enum):
 
 
 def submit(
-    r: redis.Redis, keys: wire.ModelKeys, jobs: list[wire.Job], limit: int, registered: bool = False
+    r: redis.Redis, keys: wire.ModelKeys, jobs: list[wire.Job], limit: int, needs: Needs = "alive"
 ) -> tuple[Submitted, int]:
-    """Queue every job, or none when the queue would pass `limit`, or when `registered` asks for a registered
-    model server of the version and there is none; the status and the depth found."""
+    """Queue every job, or none when the queue would pass `limit` or the model tier lacks what `needs` names:
+    "alive" (a model server of the version alive within NO_SERVER_GRACE_S), "registered" (also one registered
+    now) or "nothing"; the status and the depth found."""
     script = r.register_script(_SUBMIT)  # only hashes the text: EVALSHA after the first call
-    args = [limit, "registered" if registered else "", *(job.encode() for job in jobs)]
+    args = [limit, needs, *(job.encode() for job in jobs)]
     status, depth = script(keys=[keys.queue, keys.alive, keys.servers], args=args)
     statuses = {-3: Submitted.NOT_REGISTERED, -2: Submitted.NO_SERVER, -1: Submitted.FULL}
     return statuses.get(status, Submitted.QUEUED), depth

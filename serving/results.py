@@ -9,6 +9,8 @@ While requests wait, the reader also looks once a READ_BLOCK_S whether their mod
 a model server (its "alive" key, serving.registry): once none has been alive for NO_SERVER_GRACE_S,
 when new requests are refused, the waiting ones are answered "unavailable" too instead of a 504 at
 their deadline. Their jobs stay queued for a server of that version that comes back.
+A Redis that restarted (a new run id) has lost the jobs it held, but their web workers still hold the
+images: the waiting requests are answered LOST, and queued again (serving.inference).
 
 Written with threading primitives: under gunicorn's gevent worker they are gevent's (monkey
 patching), so a reader is a greenlet and a waiting request costs a greenlet and an Event.
@@ -17,6 +19,7 @@ patching), so a reader is a greenlet and a waiting request costs a greenlet and 
 from __future__ import annotations
 
 import logging
+import math
 import threading
 import time
 import uuid
@@ -48,6 +51,8 @@ class _Waiter:
 UNSERVED = wire.Result(
     "", error_code="unavailable", error="no model server of this version is alive now; try again later"
 )
+# What a waiting request is answered when Redis restarted since its job was queued: the job is gone.
+LOST = wire.Result("", error_code="lost", error="Redis restarted and lost this job")
 
 
 class Expected:
@@ -57,11 +62,19 @@ class Expected:
         self._waiters = waiters
 
     def wait(self, timeout_s: float) -> dict[str, wire.Result]:
-        """Every answer that came within timeout_s, by request id (missing ones timed out)."""
+        """Every answer that came within timeout_s, by request id (missing ones timed out or were lost)."""
         give_up = time.monotonic() + timeout_s
         for waiter in self._waiters.values():
             waiter.event.wait(max(0.0, give_up - time.monotonic()))
-        return {rid: w.result for rid, w in self._waiters.items() if w.result is not None}
+        return {rid: w.result for rid, w in self._waiters.items() if w.result is not None and not _lost(w)}
+
+    def lost(self) -> list[str]:
+        """The request ids whose jobs a restarted Redis lost; each is waited for again from now."""
+        ids = [rid for rid, waiter in self._waiters.items() if _lost(waiter)]
+        for rid in ids:
+            self._waiters[rid].result = None
+            self._waiters[rid].event.clear()
+        return ids
 
 
 class Inbox:
@@ -107,23 +120,33 @@ class Inbox:
 
     def _read(self, keys: wire.ModelKeys) -> None:
         inbox, waiting = keys.inbox(self.worker_id), self._waiters[keys]
-        looked = time.monotonic()
+        looked, redis_run = -math.inf, _Run()
         while not self._closed.is_set():
             try:
+                if time.monotonic() - looked >= READ_BLOCK_S:
+                    looked = time.monotonic()
+                    self._look(keys, waiting, redis_run)
                 popped = self.r.blmpop(READ_BLOCK_S, 1, inbox, direction="LEFT", count=READ_BATCH)
                 for raw in popped[1] if popped else ():
                     self._deliver(waiting, raw)
-                if waiting and time.monotonic() - looked >= READ_BLOCK_S:
-                    looked = time.monotonic()
-                    self._fail_if_unserved(keys, waiting)
             except redis.RedisError as exc:
                 log.warning("reading answers from %s failed: %s", inbox, exc)
                 self._closed.wait(1.0)
 
-    def _fail_if_unserved(self, keys: wire.ModelKeys, waiting: dict[str, _Waiter]) -> None:
-        """Answer every waiting request "unavailable" once no model server of its version is alive."""
-        if not self.r.exists(keys.alive):
-            for request_id, waiter in list(waiting.items()):
+    def _look(self, keys: wire.ModelKeys, waiting: dict[str, _Waiter], redis_run: _Run) -> None:
+        """Answer every waiting request LOST when Redis has restarted since the last look, or "unavailable"
+        once no model server of its version is alive; after a restart, not before one is alive again (the
+        model servers come back to the new Redis on their next heartbeat)."""
+        unanswered = [(rid, waiter) for rid, waiter in list(waiting.items()) if waiter.result is None]
+        if redis_run.changed(self.r):
+            if unanswered:
+                log.warning("Redis restarted: %d requests for %s are queued again", len(unanswered), keys.member)
+            for _, waiter in unanswered:
+                _answer(waiter, LOST)
+        elif self.r.exists(keys.alive):
+            redis_run.restarted = False
+        elif not redis_run.restarted:
+            for request_id, waiter in unanswered:
                 _answer(waiter, replace(UNSERVED, request_id=request_id))
 
     @staticmethod
@@ -141,3 +164,26 @@ class Inbox:
 def _answer(waiter: _Waiter, result: wire.Result) -> None:
     waiter.result = result
     waiter.event.set()
+
+
+def _lost(waiter: _Waiter) -> bool:
+    return waiter.result is LOST
+
+
+class _Run:
+    """Which Redis process a reader last saw (its run id): a new one has started empty, or from a snapshot
+    older than the jobs queued since."""
+
+    def __init__(self) -> None:
+        self.run_id: str | None = None
+        self.restarted = False  # and no model server of the reader's version has been alive since
+
+    def changed(self, r: redis.Redis) -> bool:
+        try:
+            run_id = r.info("server")["run_id"]
+        except redis.ResponseError:  # INFO not allowed to this Redis user: restarts go unseen
+            return False
+        changed = self.run_id is not None and run_id != self.run_id
+        self.run_id = run_id
+        self.restarted = self.restarted or changed
+        return changed

@@ -54,12 +54,19 @@ def test_submit_refuses_when_no_model_server_was_alive_lately(r):
     assert r.llen(KEYS.queue) == 0
 
 
+def test_submit_needing_nothing_queues_where_no_model_server_is_alive_yet(r):
+    """What a web worker queues again after Redis restarted: the model servers come back on their next beat."""
+    assert queue.submit(r, KEYS, [job("a")], limit=10, needs="nothing")[0] is queue.Submitted.QUEUED
+    assert queue.submit(r, KEYS, [job("b")], limit=1, needs="nothing")[0] is queue.Submitted.FULL
+    assert ids(r.lrange(KEYS.queue, 0, -1)) == ["a"]
+
+
 def test_submit_asked_for_a_registered_server_refuses_once_the_last_one_left(r, alive):
     """A version kept alive for its grace, whose servers have all deregistered (a graceful stop)."""
-    assert queue.submit(r, KEYS, [job("a")], limit=10, registered=True)[0] is queue.Submitted.NOT_REGISTERED
+    assert queue.submit(r, KEYS, [job("a")], limit=10, needs="registered")[0] is queue.Submitted.NOT_REGISTERED
     assert queue.submit(r, KEYS, [job("b")], limit=10)[0] is queue.Submitted.QUEUED  # not asked: it waits
     r.sadd(KEYS.servers, "server-1")
-    assert queue.submit(r, KEYS, [job("c")], limit=10, registered=True)[0] is queue.Submitted.QUEUED
+    assert queue.submit(r, KEYS, [job("c")], limit=10, needs="registered")[0] is queue.Submitted.QUEUED
     assert ids(r.lrange(KEYS.queue, 0, -1)) == ["c", "b"]
 
 

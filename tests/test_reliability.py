@@ -190,6 +190,21 @@ def test_redis_outage_answers_503_and_both_tiers_recover(make_stack):
     assert all(p.poll() is None for p in stack.processes)  # nothing was restarted
 
 
+@pytest.mark.processes
+def test_requests_waiting_when_redis_restarts_empty_are_queued_again_and_answered(make_stack):
+    stack = make_stack(HEARTBEAT_TTL_S="60", NO_SERVER_GRACE_S="60")  # alive while frozen
+    model = stack.model_server()
+    url = stack.web_server()
+    r = stack.redis()
+    with frozen(model):
+        futures = send_many_over_http(url, 8, concurrency=8)
+        wait_until(lambda: len(held(r, DIGITS)) == 8, 30, "every request held")
+        stack.restart_redis()  # the jobs are gone; the web workers still hold the images
+
+    assert [f.result(timeout=60).status_code for f in futures] == [200] * 8
+    assert all(p.poll() is None for p in stack.processes)
+
+
 def children(pid: int) -> list[int]:
     """The process ids of a process' children (gunicorn's workers)."""
     with open(f"/proc/{pid}/task/{pid}/children") as f:
