@@ -41,6 +41,8 @@ def create_app(
     # A text field may be as large as the body (Flask's 500 KB default refused base64 images sent as one).
     app.config["MAX_FORM_MEMORY_SIZE"] = settings.max_upload_bytes
     app.json.sort_keys = False  # keep "success" first, as the contract shows it
+    # "//predict" is a 404 in the API's JSON, not Werkzeug's HTML redirect, which API clients do not follow.
+    app.url_map.merge_slashes = False
     clock = clock or RedisClock(r)
     inference = InferenceClient(r, Inbox(readers), clock, settings.queue_limit)
     app.extensions["serving"] = WebTier(settings, r, clock, Catalog(r, clock, settings.default_model), inference)

@@ -189,7 +189,8 @@ def _requested_output(raw: object) -> RequestedOutput:
     if not isinstance(raw, dict) or not isinstance(raw.get("name"), str):
         raise BadTensor('each requested output needs a "name"')
     parameters = _parameters(raw)
-    k = parameters.get("classification", 0)
+    k = parameters.get("classification")
+    k = 0 if k is None else k  # null is absent, as everywhere in the protocol's JSON
     if not isinstance(k, int) or isinstance(k, bool) or k < 0:
         raise BadTensor(f'"classification" must be a whole number of classes, not {k!r:.40}')
     return RequestedOutput(raw["name"], k, _flag(parameters, "binary_data", f"output {raw['name']!r}"))

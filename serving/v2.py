@@ -60,8 +60,8 @@ def ready() -> Response:
 @v2.get("/models/<name>")
 @v2.get("/models/<name>/versions/<version>")
 def model_metadata(name: str, version: str | None = None) -> Response:
-    info = resolve(name, version).info
-    versions = [str(state.keys.version) for state in tier().catalog.states() if state.keys.name == info.name]
+    info = _resolve(name, version).info
+    versions = _versions(info.name)
     image = {"name": IMAGE, "datatype": "BYTES", "shape": [-1]}
     pixels = {"name": PIXELS, "datatype": "UINT8", "shape": [-1, *info.shape]}
     probabilities = {"name": PROBABILITIES, "datatype": "FP32", "shape": [-1, info.num_classes]}
@@ -72,7 +72,7 @@ def model_metadata(name: str, version: str | None = None) -> Response:
 @v2.get("/models/<name>/versions/<version>/ready")
 @public
 def model_ready(name: str, version: str | None = None) -> Response:
-    model = resolve(name, version)
+    model = _resolve(name, version)
     if not model.ready:
         message = f"{model.keys.name} version {model.keys.version} has no live model server"
         raise ApiError(503, "unavailable", message, {"Retry-After": "1"})
@@ -87,7 +87,25 @@ def model_infer(name: str, version: str | None = None) -> Response:
     timeout_s = parse_timeout(t.settings.request_timeout_s, header=request.headers.get(TIMEOUT_HEADER))
     deadline = t.clock.now() + timeout_s  # from arrival: decoding counts too
     # The URL first: an unknown model is a 404 whatever the body holds.
+    _resolve(name, version)
     return routed(name, version, lambda model, registered: _inferred(model, deadline, timeout_s, registered))
+
+
+def _resolve(name: str, version: str | None) -> ModelState:
+    """The model version a path names. The protocol's versions are strings: one that is no version number here
+    ("two", "0") is an unknown version (404), where /predict's `version` option would be a 400."""
+    try:
+        return resolve(name, version)
+    except ApiError as exc:
+        if exc.status != 400 or version is None:
+            raise
+        resolve(name, None)  # an unknown model is named as such
+        message = f"model {name!r} has no version {version!r:.40}; its versions are: {', '.join(_versions(name))}"
+        raise ApiError(404, "unknown_model", message) from None
+
+
+def _versions(name: str) -> list[str]:
+    return [str(state.keys.version) for state in tier().catalog.states() if state.keys.name == name]
 
 
 def _inferred(model: ModelState, deadline: float, timeout_s: float, registered: bool) -> Response:
@@ -130,11 +148,12 @@ def _input(inputs: list[tensors.Input], info: wire.ModelInfo) -> tensors.Input:
     (tensor, *more) = inputs
     datatype, trailing = {IMAGE: ("BYTES", ()), PIXELS: ("UINT8", info.shape)}.get(tensor.name, ("", ()))
     images = tensor.shape[0] if tensor.shape else 0
-    if more or tensor.datatype != datatype or tensor.shape[1:] != trailing or not 0 < images <= MAX_IMAGES:
+    most = min(MAX_IMAGES, tier().settings.queue_limit)  # more could never be queued: no "retry later"
+    if more or tensor.datatype != datatype or tensor.shape[1:] != trailing or not 0 < images <= most:
         pixels = f"[N, {', '.join(map(str, info.shape))}]"
         got = ", ".join(f"{i.name!r:.40} {i.datatype} {list(i.shape)}" for i in inputs[:3])
         message = f"send one input, {IMAGE!r} BYTES [N] (image files) or {PIXELS!r} UINT8 {pixels}"
-        raise ApiError(400, "bad_request", f"{message}, N from 1 to {MAX_IMAGES}; got {got}")
+        raise ApiError(400, "bad_request", f"{message}, N from 1 to {most}; got {got}")
     return tensor
 
 

@@ -137,6 +137,9 @@ def test_the_request_id_is_echoed_as_given_and_null_means_absent(url, batch):
     response = post(url, "digits/infer", body)
 
     assert response.status_code == 200 and response.json()["id"] == ""
+    classification = {"name": "probabilities", "parameters": {"classification": None}}
+    probabilities = post(url, "digits/infer", {**body, "outputs": [classification]})
+    assert probabilities.status_code == 200 and probabilities.json()["outputs"][0]["datatype"] == "FP32"
 
 
 @pytest.mark.parametrize("path", ["%20/infer", "digits%20/infer", "%20", "Digits/ready"])
@@ -287,7 +290,17 @@ def test_every_error_under_v2_has_the_protocols_shape(url):
     protocol_error(requests.get(f"{url}/v2/models/digits/infer", timeout=10), 405)
     protocol_error(requests.post(f"{url}/v2/models/digits/infer", data=b"{", timeout=10), 400)
     protocol_error(requests.get(f"{url}/v2/models/nope/ready", timeout=10), 404)
-    protocol_error(requests.get(f"{url}/v2/models/digits/versions/two", timeout=10), 400)
+    protocol_error(requests.get(f"{url}/v2//models/digits", timeout=10), 404)  # not a redirect to follow
+
+
+@pytest.mark.parametrize("version", ["two", "0", "-1", "99999999999999999999"])
+@pytest.mark.parametrize("name", ["digits", "nope"])
+@pytest.mark.parametrize("route", ["", "/ready", "/infer"])
+def test_a_version_that_is_no_version_number_is_an_unknown_version(url, name, version, route):
+    """The protocol's versions are strings: "two" is a version nobody serves, and an unknown model says so first."""
+    method = "POST" if route == "/infer" else "GET"
+    response = requests.request(method, f"{url}/v2/models/{name}/versions/{version}{route}", json={}, timeout=10)
+    assert ("no model named" if name == "nope" else "its versions are: 1") in protocol_error(response, 404)
 
 
 def test_api_keys_guard_metadata_and_infer_but_not_health(model_servers, digits, make_app, batch):
@@ -305,6 +318,14 @@ def test_api_keys_guard_metadata_and_infer_but_not_health(model_servers, digits,
             result = client.infer("digits", [image_input(batch[1][:1])], headers=key)
             assert result.as_numpy("probabilities").shape == (1, 10)
         assert "API key" in protocol_error(requests.get(f"{url}/v2", timeout=10), 401)
+
+
+def test_more_images_than_the_queue_may_ever_hold_is_a_400_not_a_503_to_retry(model_servers, digits, make_app, r):
+    model_servers.start(digits)
+    with serving(make_app(queue_limit=4)) as url:
+        pixels = {"name": "pixels", "datatype": "UINT8", "shape": [5, 8, 8, 1], "data": [0] * 5 * 64}
+        assert "N from 1 to 4" in protocol_error(post(url, "digits/infer", {"inputs": [pixels]}), 400)
+    assert model_servers.computed == [] and r.llen(wire.ModelKeys("digits", 1).queue) == 0
 
 
 def test_not_ready_without_model_servers(make_app, r):
