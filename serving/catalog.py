@@ -8,15 +8,17 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable
 
 import redis
 
-from serving import registry
+from serving import registry, wire
 from serving.clock import RedisClock
 from serving.registry import ModelState
 
 # How long a web worker trusts what it read of the models before reading it again.
 REFRESH_S = 1.0
+_BACK_SOON = "the model servers announce their models again within a heartbeat; try again shortly"
 
 
 class UnknownModel(LookupError):
@@ -42,6 +44,8 @@ class Catalog:
         self._states: list[ModelState] = []
         self._read_at: float | None = None  # None: read on the next look
         self._lock = threading.Lock()
+        # When this worker last read each version as ready (time.monotonic()): see _missing.
+        self._ready_at: dict[wire.ModelKeys, float] = {}
 
     def states(self) -> list[ModelState]:
         """Every known model version, sorted by name then version, as read within refresh_s."""
@@ -55,6 +59,7 @@ class Catalog:
         """The same, read from Redis now (readiness checks must see Redis down at once); raises redis.RedisError."""
         self._states = [registry.state(self.r, k) for k in registry.known_models(self.r, self.clock.now())]
         self._read_at = time.monotonic()
+        self._ready_at.update((state.keys, self._read_at) for state in self._states if state.ready)
         return self._states
 
     def forget(self) -> None:
@@ -78,20 +83,37 @@ class Catalog:
             raise NoModel(f"the default model {wanted!r} has no model server yet; try again shortly")
         if not versions:
             served = ", ".join(self.names()) or "none yet"
-            raise UnknownModel(f"no model named {wanted!r} is served; the models are: {served}")
+            raise self._missing(wanted, version, f"no model named {wanted!r} is served; the models are: {served}")
         if version is not None:
             chosen = [state for state in versions if state.keys.version == version]
             if not chosen:
                 served = ", ".join(str(state.keys.version) for state in versions)
-                raise UnknownModel(f"model {wanted!r} has no version {version}; its versions are: {served}")
+                raise self._missing(
+                    wanted, version, f"model {wanted!r} has no version {version}; its versions are: {served}"
+                )
             return chosen[0]
         live = [state for state in versions if state.ready]
         return (live or versions)[-1]
+
+    def _missing(self, name: str, version: int | None, unknown: str) -> LookupError:
+        """UnknownModel(unknown), unless this worker read the model (version) as ready within MODEL_RETENTION_S.
+        The registry keeps a version that long after its last server's beat, so it is missing only because
+        Redis lost it (restarted empty): its servers announce it again on their next beat. A 404 would tell
+        clients it is gone for good."""
+        if self._ready_lately(lambda keys: keys.name == name and version in (None, keys.version)):
+            return NoModel(f"{name!r} is missing from Redis, which seems to have restarted: {_BACK_SOON}")
+        return UnknownModel(unknown)
+
+    def _ready_lately(self, which: Callable[[wire.ModelKeys], bool]) -> bool:
+        since = time.monotonic() - registry.MODEL_RETENTION_S
+        return any(which(keys) and at > since for keys, at in list(self._ready_at.items()))
 
     def _default_name(self) -> str:
         if self.default_model:
             return self.default_model
         names = self.names()
+        if not names and self._ready_lately(lambda keys: True):
+            raise NoModel(f"no model is in Redis, which seems to have restarted: {_BACK_SOON}")
         if not names:
             raise NoModel("no model server has started yet; try again shortly")
         if len(names) > 1:

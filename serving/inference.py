@@ -162,7 +162,8 @@ class InferenceClient:
             raise self._refusal(model, estimate, limit, depth, len(jobs))
         if status is queue.Submitted.NO_SERVER:
             metrics.refused(model.keys, "no_server")
-            raise Refused("unavailable", f"no model server of {model.keys.name} is running; try again later")
+            message = f"no model server of {model.keys.name} has announced itself lately; try again later"
+            raise Refused("unavailable", message)
 
     def _refusal(self, model: ModelState, estimate: Estimate, limit: Limit, queued: int, count: int) -> Refused:
         """The 503 for `count` images that would pass `limit` behind `queued`, saying truthfully which rule refused."""

@@ -115,6 +115,23 @@ def test_a_version_that_is_no_whole_number_is_a_400(served, client, version):
     assert response.status_code == 400 and response.json["error"]["code"] == "bad_request"
 
 
+def test_a_model_missing_from_a_redis_that_lost_it_is_unavailable_not_unknown(model_servers, digits, client, r):
+    """Redis restarted empty: until the model servers' next beat the registry lacks what they serve."""
+    server = model_servers.start(digits)
+    assert upload(client, DIGIT).status_code == 200
+    model_servers.stop(server)  # so that nothing announces it again during the test
+    r.flushall()
+    client.application.extensions["serving"].catalog.forget()
+
+    for query in ("?model=digits", "?model=digits&version=1", ""):
+        response = upload(client, DIGIT, query)
+        assert (response.status_code, response.json["error"]["code"]) == (503, "unavailable"), query
+        assert "restarted" in response.json["error"]["message"]
+    assert client.get("/v2/models/digits/ready").status_code == 503
+    assert upload(client, DIGIT, "?model=digits&version=2").status_code == 404  # never served
+    assert upload(client, DIGIT, "?model=nope").status_code == 404
+
+
 def test_without_a_version_the_highest_with_a_live_server_answers(model_servers, digits, digits_v2, make_app):
     app = make_app()
     client, catalog = app.test_client(), app.extensions["serving"].catalog
