@@ -44,15 +44,25 @@ class Catalog:
         self._states: list[ModelState] = []
         self._read_at: float | None = None  # None: read on the next look
         self._lock = threading.Lock()
+        self._failed: tuple[float, redis.RedisError] | None = None  # when the last read failed, and why
         # When this worker last read each version as ready (time.monotonic()): see _missing.
         self._ready_at: dict[wire.ModelKeys, float] = {}
 
     def states(self) -> list[ModelState]:
-        """Every known model version, sorted by name then version, as read within refresh_s."""
+        """Every known model version, sorted by name then version, as read within refresh_s.
+
+        A read that failed fails every look for refresh_s: when Redis hangs, a read waits out the socket
+        timeout, and requests must not each wait their turn to wait it out again."""
         if self._stale():
             with self._lock:
+                if self._failed and time.monotonic() - self._failed[0] < self.refresh_s:
+                    raise redis.ConnectionError(f"Redis did not answer the last read of the models: {self._failed[1]}")
                 if self._stale():
-                    self.read()
+                    try:
+                        self.read()
+                    except redis.RedisError as exc:
+                        self._failed = (time.monotonic(), exc)
+                        raise
         return self._states
 
     def read(self) -> list[ModelState]:

@@ -27,6 +27,7 @@ from flask import Flask
 import model_server
 from scripts.processes import REPO, stop, wait_until
 from serving import catalog, wire, zoo
+from serving.clock import RedisClock
 from settings import Settings
 from tests.conftest import (
     DIGIT,
@@ -203,6 +204,24 @@ def test_requests_waiting_when_redis_restarts_empty_are_queued_again_and_answere
 
     assert [f.result(timeout=60).status_code for f in futures] == [200] * 8
     assert all(p.poll() is None for p in stack.processes)
+
+
+def test_a_hung_redis_is_waited_out_once_by_concurrent_looks_at_the_models_not_once_each(own_redis):
+    url, process = own_redis()
+    r = redis.Redis.from_url(url, socket_timeout=0.5)
+    models = catalog.Catalog(r, RedisClock(r), refresh_s=60)
+    models.states()
+    reads = []
+    read = models.read
+    models.read = lambda: reads.append(1) or read()  # counted, and done as ever
+    models.forget()
+
+    with frozen(process), ThreadPoolExecutor(4) as pool:
+        looks = [pool.submit(models.states) for _ in range(4)]
+        failures = [look.exception(timeout=30) for look in looks]
+
+    assert all(isinstance(failure, redis.RedisError) for failure in failures)
+    assert len(reads) == 1  # the other three were told at once; each used to wait its own socket timeout
 
 
 def children(pid: int) -> list[int]:
