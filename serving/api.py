@@ -9,14 +9,14 @@ from serving import metrics
 from serving.dispatch import admit_early, infer, pixels_of, routed
 from serving.registry import ModelState
 from serving.upload import TIMEOUT_HEADER, Upload, parse_timeout, parse_top_k, read_image
-from serving.webtier import public, tier
+from serving.webtier import arrival, public, tier
 
 api = Blueprint("api", __name__)
 
 
 @api.post("/predict")
 def predict() -> Response:
-    arrived = tier().clock.now()  # the deadline counts from arrival: reading and decoding count too
+    arrived = arrival()  # the deadline counts from arrival: reading and decoding count too
     upload = read_image(request)
     return routed(
         upload.options.get("model"),

@@ -22,7 +22,7 @@ from serving.pages import pages
 from serving.results import Inbox
 from serving.shedding import Shedder
 from serving.upload import client_bodies
-from serving.webtier import WebTier, authorized, finished
+from serving.webtier import ARRIVED, WebTier, authorized, finished
 from settings import Settings
 
 
@@ -60,7 +60,7 @@ def create_app(
 
 def _start() -> None:
     g.request_id = str(uuid.uuid4())
-    g.started = time.monotonic()
+    g.started = request.environ.get(ARRIVED, time.monotonic())
 
 
 def _authorize() -> None:

@@ -36,7 +36,7 @@ from serving.errors import ApiError, Shape, contract_shape
 from serving.inference import Refused
 from serving.registry import ModelState
 from serving.upload import TIMEOUT_HEADER, TIMEOUT_OPTION, parse_model, parse_timeout, parse_top_k, parse_version
-from serving.webtier import WebTier, authorized, finished
+from serving.webtier import ARRIVED, WebTier, authorized, finished
 
 _INFER = re.compile(rf"^{v2.PREFIX}/models/([^/]+)(?:/versions/([^/]+))?/infer$")
 _HEADER = "HTTP_" + TIMEOUT_HEADER.upper().replace("-", "_")
@@ -50,7 +50,7 @@ class Shedder:
         self.parts = parts
 
     def __call__(self, environ: dict, start_response: Callable) -> Iterable[bytes]:
-        started = time.monotonic()
+        started = environ.setdefault(ARRIVED, time.monotonic())  # unless a layer in front of it knew earlier
         try:
             shed = self._shed(environ) if environ["REQUEST_METHOD"] == "POST" else None
         except (redis.RedisError, LookupError, ApiError):  # e.g. a bad header: the app answers what is wrong

@@ -20,7 +20,7 @@ from serving.dispatch import admit_early, infer, pixels_of, resolve, routed
 from serving.errors import ApiError
 from serving.registry import ModelState
 from serving.upload import TIMEOUT_HEADER, b64decode, parse_timeout, read_body
-from serving.webtier import public, tier
+from serving.webtier import arrival, public, tier
 
 PREFIX = "/v2"
 v2 = Blueprint("v2", __name__, url_prefix=PREFIX)
@@ -85,7 +85,7 @@ def model_infer(name: str, version: str | None = None) -> Response:
     t = tier()
     # The protocol has no timeout of its own here: the header /predict takes may shorten REQUEST_TIMEOUT_S.
     timeout_s = parse_timeout(t.settings.request_timeout_s, header=request.headers.get(TIMEOUT_HEADER))
-    deadline = t.clock.now() + timeout_s  # from arrival: decoding counts too
+    deadline = arrival() + timeout_s  # decoding counts too
     # The URL first: an unknown model is a 404 whatever the body holds.
     _resolve(name, version)
     return routed(name, version, lambda model, registered: _inferred(model, deadline, timeout_s, registered))

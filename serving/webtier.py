@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import TypeVar
 
 import redis
-from flask import current_app
+from flask import current_app, g
 from gevent import monkey
 
 from serving import logs, metrics, wire
@@ -37,6 +37,16 @@ class WebTier:
     clock: RedisClock
     catalog: Catalog
     inference: InferenceClient
+
+
+# The WSGI environ's key for when the request reached the app's outermost layer (serving.shedding), on
+# time.monotonic(): its deadline and its logged time count from there, whatever held it in between.
+ARRIVED = "serving.arrived"
+
+
+def arrival() -> float:
+    """When the current request arrived, on Redis' clock."""
+    return tier().clock.now() - (time.monotonic() - g.started)
 
 
 def tier() -> WebTier:

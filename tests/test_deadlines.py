@@ -20,6 +20,7 @@ from scripts.processes import wait_until
 from serving import registry, wire
 from serving.app import create_app
 from serving.clock import RedisClock
+from serving.webtier import ARRIVED
 from tests.conftest import upload
 
 DIGIT = (pathlib.Path(__file__).resolve().parent.parent / "samples" / "digit_3.png").read_bytes()
@@ -100,6 +101,21 @@ def test_the_header_shortens_the_deadline_of_an_open_inference_protocol_request(
 
     assert response.status_code == 504 and "within 0.25 s" in response.json["error"], response.json
     assert before + 0.25 - TOLERANCE_S <= queued_deadline(r) <= queued_at + 0.25 + TOLERANCE_S
+
+
+def test_the_deadline_counts_from_the_requests_arrival_not_from_its_view(r, make_app):
+    """Whatever held a request between the app's outermost layer and its view (a hung Redis) counts too."""
+    announce(r)
+    client = make_app(request_timeout_s=1.0).test_client()
+    held_s = 0.5
+    arrived = {ARRIVED: time.monotonic() - held_s}
+
+    response, before, queued_at = watched(
+        r, lambda: client.post("/predict", data={"image": (io.BytesIO(DIGIT), "d.png")}, environ_overrides=arrived)
+    )
+
+    assert response.status_code == 504
+    assert before - held_s + 1.0 - TOLERANCE_S <= queued_deadline(r) <= queued_at - held_s + 1.0 + TOLERANCE_S
 
 
 def test_a_timeout_never_lengthens_request_timeout_s(r, make_app):
