@@ -263,7 +263,10 @@ class ModelServer:
         batch.answers = batch.results()
         if self.on_batch:  # before the answers go out: a client that has its answer finds its batch here
             self.on_batch(batch)
-        self.queue.answer(batch.slot, batch.answers, self.settings.result_ttl_s)
+        if not self.queue.answer(batch.slot, batch.answers, self.settings.result_ttl_s):
+            # A peer requeued them (this server stalled past HEARTBEAT_TTL_S), or Redis lost them.
+            log.warning("a batch of %d left this server's in-flight list before its answers", len(batch.jobs))
+            return
         now = self.clock.now()
         batch.counts["finished_late"] += sum(1 for job in batch.jobs if job.deadline < now)
         metrics.record_batch(self.queue.r, self.keys, len(batch.jobs), batch.model_seconds, **batch.counts)

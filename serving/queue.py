@@ -133,27 +133,39 @@ class ServerQueue:
 
     def answer(
         self, slot: int, answers: list[tuple[str, wire.Result]], ttl_s: float, taken: list[int] | None = None
-    ) -> None:
+    ) -> bool:
         """Deliver every (reply_to, result) to its web worker's inbox and drop from in-flight list `slot`,
         in one transaction (all or nothing), the jobs answered: all of them, or only those `taken` first,
-        second... (0 = the first taken since the list was empty), so the others stay held."""
+        second... (0 = the first taken since the list was empty), so the others stay held.
+
+        False, and nothing delivered, when the list holds no job any more: a peer took this server for dead
+        (it stalled past HEARTBEAT_TTL_S: paused, swapping) and requeued them, or Redis lost them. They are
+        answered once, by whoever takes them from the queue."""
         by_inbox: dict[str, list[str]] = defaultdict(list)
         for reply_to, result in answers:
             by_inbox[self.keys.inbox(reply_to)].append(result.encode())
         inflight = self.keys.inflight(self.server_id, slot)
-        pipe = self.r.pipeline(transaction=True)
-        for inbox, payloads in by_inbox.items():
-            pipe.rpush(inbox, *payloads)
-            pipe.pexpire(inbox, int(ttl_s * 1000))  # a dead worker's inbox goes away by itself
-        if taken is None:
-            pipe.delete(inflight)
-        else:
-            # Taken jobs are pushed on the left, so the n-th taken is at index -(n + 1). Marked by
-            # position, then removed by the mark: a 200 KB job need not be sent back to be named.
-            for n in taken:
-                pipe.lset(inflight, -(n + 1), _ANSWERED)
-            pipe.lrem(inflight, 0, _ANSWERED)
-        pipe.execute()
+        with self.r.pipeline(transaction=True) as pipe:
+            pipe.watch(inflight)  # a requeue between this look and the answers fails them as a whole
+            if answers and not pipe.llen(inflight):
+                return False
+            pipe.multi()
+            for inbox, payloads in by_inbox.items():
+                pipe.rpush(inbox, *payloads)
+                pipe.pexpire(inbox, int(ttl_s * 1000))  # a dead worker's inbox goes away by itself
+            if taken is None:
+                pipe.delete(inflight)
+            else:
+                # Taken jobs are pushed on the left, so the n-th taken is at index -(n + 1). Marked by
+                # position, then removed by the mark: a 200 KB job need not be sent back to be named.
+                for n in taken:
+                    pipe.lset(inflight, -(n + 1), _ANSWERED)
+                pipe.lrem(inflight, 0, _ANSWERED)
+            try:
+                pipe.execute()
+            except redis.WatchError:
+                return False
+        return True
 
     def requeue_if_dead(self, server_id: str) -> int:
         """Requeue what `server_id` holds if its heartbeat is gone: how many jobs moved, -1 if it lives."""

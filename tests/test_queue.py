@@ -98,6 +98,21 @@ def test_a_dead_servers_jobs_go_back_to_the_head_of_the_queue_once_its_heartbeat
     assert ids(reaper.take(0, 4, 0, 0.1)) == ["j0", "j1", "j2", "j3"]
 
 
+def test_a_server_taken_for_dead_that_answers_after_all_delivers_nothing_and_the_peer_answers_once(r, alive):
+    """Paused past its heartbeat's TTL (SIGSTOP, swapping): a peer requeued its jobs, then it ran on."""
+    queue.submit(r, KEYS, [job("a"), job("b")], limit=10)
+    stalled, peer = queue.ServerQueue(r, KEYS, "stalled"), queue.ServerQueue(r, KEYS, "peer")
+    held = [wire.Job.decode(m) for m in stalled.take(0, 2, 0, 0.1)]
+    assert peer.requeue_if_dead("stalled") == 2
+
+    answers = [(j.reply_to, wire.Result(j.request_id, top=((7, 1.0),))) for j in held]
+    assert stalled.answer(0, answers, ttl_s=30) is False
+    taken = [wire.Job.decode(m) for m in peer.take(0, 2, 0, 0.1)]
+    assert peer.answer(0, [(j.reply_to, wire.Result(j.request_id, top=((7, 1.0),))) for j in taken], ttl_s=30)
+
+    assert sorted(wire.Result.decode(m).request_id for m in r.lrange(KEYS.inbox("worker-a"), 0, -1)) == ["a", "b"]
+
+
 def test_a_slot_left_over_from_a_failed_batch_is_requeued_before_it_is_used_again(r, alive):
     queue.submit(r, KEYS, [job("a"), job("b")], limit=10)
     server = queue.ServerQueue(r, KEYS, "s1")
