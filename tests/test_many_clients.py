@@ -86,12 +86,15 @@ def requests_of(prefix: str, count: int) -> list[tuple[wire.ModelKeys, str]]:
 
 
 def push_answers(r: redis.Redis, answers: list[tuple[wire.ModelKeys, str, wire.Result]], ttl_s: float) -> None:
-    """Answer as model servers do, a batch of 32 at a time per model, each batch through ServerQueue.answer."""
+    """Answer as model servers do, a batch of 32 at a time per model, each batch through ServerQueue.answer
+    from the in-flight list its jobs were taken into (stand-ins here: the answers carry what counts)."""
     servers = {keys: queue.ServerQueue(r, keys, f"server-{keys.version}") for keys in MODELS}
     for start in range(0, len(answers), 32):
         for keys, server in servers.items():
             batch = [(reply_to, result) for k, reply_to, result in answers[start : start + 32] if k == keys]
-            server.answer(0, batch, ttl_s)
+            if batch:
+                r.lpush(keys.inflight(server.server_id, 0), *(["taken"] * len(batch)))
+                assert server.answer(0, batch, ttl_s)
 
 
 @pytest.mark.parametrize("count", [10, 5000])
