@@ -100,8 +100,9 @@ class ModelServers:
         server = ModelServer(servable, r, settings, server_id, on_batch=record, block_s=block_s)
         thread = threading.Thread(target=server.run, name=f"model server {server_id}", daemon=True)
         thread.start()
-        assert server.started.wait(30), "the model server did not start"
-        self._running.append((server, thread))
+        self._running.append((server, thread))  # stopped at the end even if it is slow to start
+        # Warming up ResNet50's batch sizes took over 30 s on a loaded machine.
+        assert server.started.wait(120), "the model server did not start"
         return server
 
     @property
