@@ -21,17 +21,17 @@ def predict() -> Response:
     return routed(
         upload.options.get("model"),
         upload.options.get("version"),
-        lambda model, registered: _predicted(upload, model, arrived, registered),
+        lambda model, movable: _predicted(upload, model, arrived, movable),
     )
 
 
-def _predicted(upload: Upload, model: ModelState, arrived: float, registered: bool) -> Response:
+def _predicted(upload: Upload, model: ModelState, arrived: float, movable: bool) -> Response:
     t, info = tier(), model.info
     top_k = parse_top_k(upload.options.get("top_k"), t.settings.top_k, info.num_classes)
     timeout_s = parse_timeout(t.settings.request_timeout_s, upload.timeouts, request.headers.get(TIMEOUT_HEADER))
     deadline = arrived + timeout_s
     admit_early(model, 1, deadline, timeout_s)  # before decoding, the expensive part: refusals stay cheap
-    (result,) = infer(model, [pixels_of(upload.image, info)], top_k, deadline, timeout_s, registered)
+    (result,) = infer(model, [pixels_of(upload.image, info)], top_k, deadline, timeout_s, movable)
     predictions = [{"label": info.labels[i], "probability": p} for i, p in result.top]
     response = jsonify(success=True, request_id=g.request_id, model=info.name, predictions=predictions)
     response.headers["X-Model-Version"] = str(model.keys.version)  # which version answered, e.g. in a rollout

@@ -51,13 +51,14 @@ def resolve(raw_model: object, raw_version: object) -> ModelState:
 
 
 def routed(raw_model: object, raw_version: object, serve: Callable[[ModelState, bool], T]) -> T:
-    """serve(the model version the request goes to, whether its jobs must not be queued where no model server
-    is registered): the request's answer.
+    """serve(the model version the request goes to, whether another version could answer it instead): the
+    request's answer.
 
     A request naming no version goes to the highest with a live server. A stopping model server leaves the
     registry at once, but a web worker reads it only every REFRESH_S: in between, such a request would wait
     on the queue of a version that no server takes from any more, while a lower one is live. So it is not
-    queued there, and is served again where it goes now."""
+    queued there, and is served again where it goes now; so is one whose version's servers all die while
+    it waits (InferenceClient.infer)."""
     model = resolve(raw_model, raw_version)
     if parse_version(raw_version) is not None or not _other_live_version(model):
         return serve(model, False)  # it waits for its version's servers, e.g. while the only one restarts
@@ -66,6 +67,11 @@ def routed(raw_model: object, raw_version: object, serve: Callable[[ModelState, 
     except NotServed:
         tier().catalog.forget()
         return serve(resolve(raw_model, raw_version), False)
+
+
+def _live(model: ModelState) -> bool:
+    """Whether the model version has a live model server, as the catalog read it last."""
+    return any(state.keys == model.keys and state.live_servers for state in tier().catalog.states())
 
 
 def _other_live_version(model: ModelState) -> bool:
@@ -114,13 +120,14 @@ def infer(
     top_k: int | None,
     deadline: float,
     timeout_s: float,
-    registered: bool = False,
+    movable: bool = False,
 ) -> list[wire.Result]:
-    """The model tier's results for these images, or the ApiError that says why not; NotServed (for routed)
-    with `registered` when the version has no registered model server."""
+    """The model tier's results for these images, or the ApiError that says why not; for a `movable` request,
+    NotServed (for routed) when its version has no model server to take or compute its images."""
     t = tier()
+    still_served = (lambda: _live(model)) if movable else None
     with refusals_as_http(timeout_s):
-        results = t.inference.infer(g.request_id, model, pixels, top_k, deadline, registered)
+        results = t.inference.infer(g.request_id, model, pixels, top_k, deadline, still_served)
     for result in results:
         if result.error_code == "model_changed":
             # The model was replaced under its name: read what its servers publish now, so the

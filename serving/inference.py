@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 
 import numpy as np
 import redis
@@ -19,7 +20,7 @@ from serving.admission import Estimate, Limit
 from serving.catalog import REFRESH_S
 from serving.clock import RedisClock
 from serving.registry import ModelState
-from serving.results import Inbox
+from serving.results import Expected, Inbox
 
 
 class Refused(Exception):
@@ -109,10 +110,13 @@ class InferenceClient:
         images: list[np.ndarray],
         top_k: int | None,
         deadline: float,
-        registered: bool = False,
+        still_served: Callable[[], bool] | None = None,
     ) -> list[wire.Result]:
-        """One result per image, in order; `deadline` is on Redis' clock (serving.clock). With `registered`,
-        NotServed instead of queueing when the version has no registered model server.
+        """One result per image, in order; `deadline` is on Redis' clock (serving.clock).
+
+        A request that could go to another version gives `still_served`: whether its version has a live model
+        server. It gets NotServed instead of being queued where no model server is registered, and while it
+        waits, once still_served() says its version's servers are all gone (looked at every REFRESH_S).
 
         The job of a lone image carries the request's id; several are numbered: "<id>/0", "<id>/1", ...
         """
@@ -121,15 +125,30 @@ class InferenceClient:
         jobs = [wire.Job(i, reply_to, pixels, deadline, top_k) for i, pixels in zip(ids, images, strict=True)]
         estimate, limit = self._admission(model, len(jobs), deadline)
         with self.inbox.expect(model.keys, ids) as expected:
-            self._submit(model, jobs, estimate, limit, "registered" if registered else "alive")
-            results = expected.wait(deadline - self.clock.now())
+            self._submit(model, jobs, estimate, limit, "registered" if still_served else "alive")
+            results = self._wait(expected, deadline, still_served)
             while lost := expected.lost():  # Redis restarted: its copies are gone, this worker's are not
                 # Queued even before a model server is back in the new Redis: each comes on its next heartbeat.
                 self._submit(model, [job for job in jobs if job.request_id in lost], estimate, limit, "nothing")
-                results |= expected.wait(deadline - self.clock.now())
+                results |= self._wait(expected, deadline, still_served)
         if len(results) < len(ids):
             raise TimedOut()
         return [results[i] for i in ids]
+
+    def _wait(
+        self, expected: Expected, deadline: float, still_served: Callable[[], bool] | None
+    ) -> dict[str, wire.Result]:
+        """The answers that came by the deadline, or by the time all were settled (some may be LOST); NotServed
+        once still_served() is false."""
+        while True:
+            remaining = deadline - self.clock.now()
+            if still_served is None or remaining <= REFRESH_S:
+                return expected.wait(remaining)
+            results = expected.wait(REFRESH_S)
+            if expected.settled:
+                return results
+            if not still_served():  # its servers died (SIGKILL, OOM): another version answers instead
+                raise NotServed()
 
     def _admission(self, model: ModelState, count: int, deadline: float) -> tuple[Estimate, Limit]:
         """The model tier's estimate and the depth `count` images may join; TimedOut if no depth is short enough."""

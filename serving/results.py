@@ -68,6 +68,11 @@ class Expected:
             waiter.event.wait(max(0.0, give_up - time.monotonic()))
         return {rid: w.result for rid, w in self._waiters.items() if w.result is not None and not _lost(w)}
 
+    @property
+    def settled(self) -> bool:
+        """Whether every answer came (or was lost)."""
+        return all(waiter.event.is_set() for waiter in self._waiters.values())
+
     def lost(self) -> list[str]:
         """The request ids whose jobs a restarted Redis lost; each is waited for again from now."""
         ids = [rid for rid, waiter in self._waiters.items() if _lost(waiter)]

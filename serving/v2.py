@@ -88,7 +88,7 @@ def model_infer(name: str, version: str | None = None) -> Response:
     deadline = arrival() + timeout_s  # decoding counts too
     # The URL first: an unknown model is a 404 whatever the body holds.
     _resolve(name, version)
-    return routed(name, version, lambda model, registered: _inferred(model, deadline, timeout_s, registered))
+    return routed(name, version, lambda model, movable: _inferred(model, deadline, timeout_s, movable))
 
 
 def _resolve(name: str, version: str | None) -> ModelState:
@@ -108,13 +108,13 @@ def _versions(name: str) -> list[str]:
     return [str(state.keys.version) for state in tier().catalog.states() if state.keys.name == name]
 
 
-def _inferred(model: ModelState, deadline: float, timeout_s: float, registered: bool) -> Response:
+def _inferred(model: ModelState, deadline: float, timeout_s: float, movable: bool) -> Response:
     body = _read(read_body(request), request.headers.get(tensors.HEADER_LENGTH))
     wanted = _requested(body, model.info)
     tensor = _input(body.inputs, model.info)
     admit_early(model, len(tensor.data), deadline, timeout_s)  # before decoding
     pixels = _pixels(tensor, model.info, deadline)
-    results = infer(model, pixels, wanted.classification or None, deadline, timeout_s, registered)
+    results = infer(model, pixels, wanted.classification or None, deadline, timeout_s, movable)
     output = _classes(results, model.info) if wanted.classification else _probabilities(results)
     request_id = g.request_id if body.id is None else body.id  # echoed as given, "" too
     header = {"model_name": model.keys.name, "model_version": str(model.keys.version), "id": request_id}

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import pytest
 
 from scripts.processes import wait_until
-from serving import wire, zoo
+from serving import registry, wire, zoo
 from serving.modelserver import ModelServer
 from tests.conftest import ModelServers, png, solid, upload
 
@@ -169,6 +169,24 @@ def test_a_request_naming_no_version_moves_when_its_version_just_lost_its_last_s
     assert answers[0].headers["X-Model-Version"] == answers[1].json["model_version"] == "1"
     assert len(ids_computed_by(model_servers, v1)) == 2
     assert r.llen(wire.ModelKeys("digits", 2).queue) == 0  # nothing left waiting for a server that is gone
+
+
+def test_a_request_naming_no_version_moves_when_its_versions_last_server_dies_while_it_waits(
+    model_servers, digits, digits_v2, make_app, r
+):
+    """The only v2 server is killed (SIGKILL, OOM): it never leaves the registry, its heartbeat only expires."""
+    app = make_app(request_timeout_s=20)
+    client, catalog = app.test_client(), app.extensions["serving"].catalog
+    v1 = model_servers.start(digits)
+    seconds, micros = r.time()
+    registry.Registration(r, digits_v2.info, "dies").beat(seconds + micros / 1e6, ttl_s=2, grace_s=60)
+    wait_until(lambda: catalog.resolve("digits", None).keys.version == 2, 10, "v2 seen")
+
+    response = upload(client, DIGIT)  # queued on v2, which takes nothing; its heartbeat expires meanwhile
+
+    assert response.status_code == 200, response.json
+    assert response.headers["X-Model-Version"] == "1" and len(ids_computed_by(model_servers, v1)) == 1
+    assert r.llen(wire.ModelKeys("digits", 2).queue) == 1  # for a v2 server that comes back: too late, skipped
 
 
 def test_models_lists_every_model_with_versions_shape_classes_and_readiness(two_models, digits_v2, client):
