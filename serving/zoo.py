@@ -81,13 +81,15 @@ def load(
     model: str, weights: str = "imagenet", labels: str = "", preprocess: str = "", name: str = "", version: int = 1
 ) -> KerasServable:
     """Load a zoo model by name, or a .keras/.h5 file by path, to serve as `name` (default: model) `version`."""
+    if (model in APPLICATIONS or model == "digits") and (labels or preprocess):
+        raise ModelUnavailable(f"LABELS and PREPROCESS are for a model file; MODEL={model} comes with its own")
     if model in APPLICATIONS:
         keras_model, mode, names = _load_application(model, weights), APPLICATIONS[model].preprocess, _imagenet_labels()
     elif model == "digits":
         keras_model, mode, names = _load_file(DIGITS), "none", [str(d) for d in range(10)]
     elif model.endswith((".keras", ".h5")):
         keras_model = _load_file(pathlib.Path(model))
-        mode, names = preprocess or "none", _file_labels(labels, keras_model.output_shape[-1])
+        mode, names = preprocess or "none", _file_labels(labels, _classes(keras_model))
     else:
         raise ModelUnavailable(
             f"unknown MODEL {model!r}: use one of {', '.join([*APPLICATIONS, 'digits'])} or a path to a .keras/.h5 file"
@@ -133,15 +135,32 @@ def _file_labels(path: str, num_classes: int) -> list[str]:
     if not path:
         return [str(i) for i in range(num_classes)]
     try:
-        names = [line.strip() for line in pathlib.Path(path).read_text().splitlines() if line.strip()]
+        names = [line.strip() for line in pathlib.Path(path).read_text().rstrip().splitlines()]
     except (OSError, UnicodeDecodeError) as exc:
         raise ModelUnavailable(f"LABELS={path} cannot be read as text: {exc}") from None
+    if "" in names:  # skipped, it would shift every later class onto the wrong name
+        raise ModelUnavailable(f"LABELS={path}: line {names.index('') + 1} is empty; give one class name a line")
     if len(names) != num_classes:
         raise ModelUnavailable(f"LABELS={path} has {len(names)} names but the model has {num_classes} classes")
     return names
 
 
+def _classes(model: object) -> int:
+    """How many classes the model tells apart: it scores each image once; a single score is a binary classifier's."""
+    shape = model.output_shape
+    if not (isinstance(shape, tuple) and len(shape) == 2 and shape[1]):
+        raise ModelUnavailable(
+            f"the model must output one vector of class scores per image, shape (batch, classes); its output is {shape}"
+        )
+    return max(2, shape[1])
+
+
 def _model_info(name: str, version: int, model: object, labels: list[str]) -> ModelInfo:
+    if not (isinstance(model.input_shape, tuple) and len(model.input_shape) == 4):
+        raise ModelUnavailable(
+            "the model must take one batch of images, shape (batch, height, width, channels); "
+            f"its input is {model.input_shape}"
+        )
     _, height, width, channels = model.input_shape
     if None in (height, width, channels):
         raise ModelUnavailable(f"the model's input shape {model.input_shape} must be fixed (height, width, channels)")
@@ -175,7 +194,11 @@ def with_uint8_input(model: object, mode: str) -> object:
 
 
 def _as_probabilities(out: np.ndarray) -> np.ndarray:
-    """Models that end in logits rather than softmax still answer with probabilities."""
+    """Models that end in logits rather than softmax still answer with probabilities. A single score is a binary
+    classifier's probability of class 1 (a sigmoid's output, or its logit): [1 - p, p]."""
+    if out.shape[1] == 1:
+        p = out if out.min() >= 0 and out.max() <= 1 else 1 / (1 + np.exp(-out))
+        return np.concatenate([1 - p, p], axis=1)
     if out.min() >= 0 and np.allclose(out.sum(axis=1), 1.0, atol=1e-3):
         return out
     shifted = np.exp(out - out.max(axis=1, keepdims=True))

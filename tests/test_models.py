@@ -9,6 +9,7 @@ import pathlib
 import re
 from dataclasses import dataclass
 
+import numpy as np
 import pytest
 
 from scripts.processes import wait_until
@@ -289,3 +290,51 @@ def test_a_labels_file_that_cannot_be_read_is_a_message_not_a_traceback(colours_
 
     with pytest.raises(zoo.ModelUnavailable, match=f"LABELS={labels} cannot be read"):
         zoo.load(str(model), labels=labels)
+
+
+def saved(model: object, folder: pathlib.Path, name: str) -> str:
+    model.save(folder / f"{name}.keras")
+    return str(folder / f"{name}.keras")
+
+
+def test_a_model_that_does_not_take_images_to_class_scores_is_refused_with_a_message(tmp_path):
+    import keras
+
+    image = keras.Input((8, 8, 1))
+    flat = keras.layers.Flatten()(image)
+    two_in = keras.Input((8, 8, 1))
+    shapes = {
+        "two_inputs": keras.Model([image, two_in], keras.layers.Dense(3)(keras.layers.Flatten()(image + two_in))),
+        "a_vector_in": keras.Sequential([keras.Input((10,)), keras.layers.Dense(3)]),
+        "two_outputs": keras.Model(image, [keras.layers.Dense(3)(flat), keras.layers.Dense(2)(flat)]),
+        "a_map_out": keras.Model(image, keras.layers.Conv2D(2, 1)(image)),
+    }
+    for name, model in shapes.items():
+        with pytest.raises(zoo.ModelUnavailable, match="must (take one batch of images|output one vector)"):
+            zoo.load(saved(model, tmp_path, name))
+
+
+def test_a_single_sigmoid_score_is_a_binary_classifiers_two_classes(tmp_path):
+    import keras
+
+    model = keras.Sequential(
+        [keras.Input((8, 8, 1)), keras.layers.Flatten(), keras.layers.Dense(1, activation="sigmoid")]
+    )
+    servable = zoo.load(saved(model, tmp_path, "binary"))
+    pixels = np.random.default_rng(0).integers(0, 256, (4, 8, 8, 1), np.uint8)
+
+    p = np.asarray(model.predict_on_batch(pixels.astype(np.float32)))
+    np.testing.assert_allclose(servable.predict(pixels), np.concatenate([1 - p, p], axis=1), atol=1e-6)
+    assert servable.info.labels == ("0", "1")
+
+
+def test_labels_that_would_shift_classes_or_do_not_apply_are_refused(colours_file, tmp_path):
+    model, _ = colours_file
+    (tmp_path / "gap.txt").write_text("red\n\ngreen\nblue\n")
+    with pytest.raises(zoo.ModelUnavailable, match="line 2 is empty"):
+        zoo.load(str(model), labels=str(tmp_path / "gap.txt"))
+    (tmp_path / "ok.txt").write_text("red\ngreen\nblue\n\n")  # blank lines at the end are no class
+    assert zoo.load(str(model), labels=str(tmp_path / "ok.txt")).info.labels == ("red", "green", "blue")
+    for changes in ({"preprocess": "caffe"}, {"labels": str(tmp_path / "ok.txt")}):
+        with pytest.raises(zoo.ModelUnavailable, match="comes with its own"):
+            zoo.load("digits", **changes)
