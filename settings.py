@@ -21,6 +21,10 @@ MODEL_NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 # Below 2**53, so that every JSON client reads a version exactly; room for date-like versions (20261206).
 MAX_MODEL_VERSION = 10**15 - 1
+# Each of its allowed sizes is compiled and warmed up at start (serving.speed); GPU batches in use are a few hundred.
+MAX_BATCH_SIZE = 4096
+# Durations past a day are mistakes, and past Redis' and the OS's timers (1e300 s overflowed them).
+_DAY_S = 86_400.0
 
 
 def _setting(default: object, minimum: float | None = None, maximum: float | None = None) -> dataclasses.Field:
@@ -44,14 +48,14 @@ class Settings:
     default_model: str = ""  # DEFAULT_MODEL
 
     # Batching: see the README's tuning guide for how these defaults were measured.
-    batch_size: int = _setting(32, minimum=1)  # BATCH_SIZE
-    batch_wait_ms: int = _setting(0, minimum=0)  # BATCH_WAIT_MS
+    batch_size: int = _setting(32, minimum=1, maximum=MAX_BATCH_SIZE)  # BATCH_SIZE
+    batch_wait_ms: int = _setting(0, minimum=0, maximum=10_000)  # BATCH_WAIT_MS
     # Threads one predict may use; 0: the backend's own choice (every core). For several model servers
     # sharing a CPU host; one single-threaded server per core was measured against one server for the
     # whole host in the README's tuning guide (better at 3x-5x overload, not reliably at 10x).
     model_threads: int = _setting(0, minimum=0)  # MODEL_THREADS
 
-    request_timeout_s: float = _setting(30.0, minimum=0.001)  # REQUEST_TIMEOUT_S
+    request_timeout_s: float = _setting(30.0, minimum=0.001, maximum=_DAY_S)  # REQUEST_TIMEOUT_S
     # A memory cap, not the admission rule: requests are refused by their predicted wait first
     # (serving.admission). 10,000 jobs of 224x224x3 are about 2 GB of Redis (200 KB of JSON each);
     # the deadline stops ResNet50 on a CPU at a few hundred, so only fast models ever reach the cap,
@@ -68,12 +72,12 @@ class Settings:
 
     # A model server beats every HEARTBEAT_S; one silent for HEARTBEAT_TTL_S is dead and its jobs are
     # requeued by the live ones. The TTL spans several beats so one slow beat does not kill a server.
-    heartbeat_s: float = _setting(1.0, minimum=0.001)  # HEARTBEAT_S
-    heartbeat_ttl_s: float = _setting(5.0, minimum=0.001)  # HEARTBEAT_TTL_S
+    heartbeat_s: float = _setting(1.0, minimum=0.001, maximum=_DAY_S)  # HEARTBEAT_S
+    heartbeat_ttl_s: float = _setting(5.0, minimum=0.001, maximum=_DAY_S)  # HEARTBEAT_TTL_S
     # With no model server alive for this long, requests are refused with 503 instead of queued.
-    no_server_grace_s: float = _setting(15.0, minimum=0.001)  # NO_SERVER_GRACE_S
+    no_server_grace_s: float = _setting(15.0, minimum=0.001, maximum=_DAY_S)  # NO_SERVER_GRACE_S
     # An answer nobody picked up (its web worker died) is gone from Redis after this.
-    result_ttl_s: float = _setting(60.0, minimum=1)  # RESULT_TTL_S
+    result_ttl_s: float = _setting(60.0, minimum=1, maximum=_DAY_S)  # RESULT_TTL_S
 
     log_level: str = "INFO"  # LOG_LEVEL
     log_format: str = "text"  # LOG_FORMAT
@@ -109,11 +113,17 @@ class Settings:
             raise SystemExit(f"setting REDIS_URL={self.redis_url!r} {problem}: e.g. redis://:password@host:6379/0")
         if self.log_level not in LOG_LEVELS:
             raise SystemExit(f"setting LOG_LEVEL={self.log_level!r} must be one of {', '.join(LOG_LEVELS)}")
-        _check_model_name("MODEL_NAME", self.model_name)
+        derived = self.model_name == default_model_name(self.model) and self.model.endswith((".keras", ".h5"))
+        _check_model_name("MODEL_NAME (from the file's name: set it)" if derived else "MODEL_NAME", self.model_name)
         if self.default_model:  # a name no model server could take would route every request nowhere
             _check_model_name("DEFAULT_MODEL", self.default_model)
         if self.log_format not in ("text", "json"):
             raise SystemExit(f"setting LOG_FORMAT={self.log_format!r} must be text or json")
+        if self.heartbeat_ttl_s <= self.heartbeat_s:  # a live server would count as dead between its beats
+            raise SystemExit(
+                f"setting HEARTBEAT_TTL_S={self.heartbeat_ttl_s:g} must be longer than HEARTBEAT_S={self.heartbeat_s:g}"
+                " (several beats: the default is 5 and 1)"
+            )
 
     def replace(self, **changes: object) -> Settings:
         """A copy with some settings changed (tests and benchmarks build variants this way).
@@ -170,6 +180,8 @@ def _parse(f: dataclasses.Field, raw: str) -> object:
         return raw
     kind = int if f.type == "int" else float
     try:
+        if "_" in raw:  # Python's 1_000 is no number in the README, nor in a request's options
+            raise ValueError(raw)
         return kind(raw)
     except ValueError:
         raise SystemExit(f"setting {name}={raw!r} must be {'a whole number' if kind is int else 'a number'}") from None

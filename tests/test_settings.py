@@ -34,6 +34,13 @@ def test_each_field_comes_from_the_variable_of_its_name():
         ({"REDIS_URL": "redis://localhost:abc/0"}, "port that is not a number"),
         ({"REDIS_URL": "redis://:secret@/0"}, "names no host"),
         ({"REDIS_URL": "redis://localhost:6379/first"}, "database that is not a number"),
+        ({"HEARTBEAT_S": "1e300"}, "HEARTBEAT_S=1e\\+300 must be at most 86,400"),
+        ({"RESULT_TTL_S": "1e300"}, "RESULT_TTL_S=1e\\+300 must be at most 86,400"),
+        ({"BATCH_WAIT_MS": "99999999999999999999"}, "BATCH_WAIT_MS=99999999999999999999 must be at most 10,000"),
+        ({"BATCH_SIZE": "1000000000000"}, "BATCH_SIZE=1000000000000 must be at most 4,096"),
+        ({"HEARTBEAT_S": "6", "HEARTBEAT_TTL_S": "2"}, "HEARTBEAT_TTL_S=2 must be longer than HEARTBEAT_S=6"),
+        ({"BATCH_SIZE": "1_0"}, "BATCH_SIZE='1_0' must be a whole number"),
+        ({"MODEL": "/m/my model.keras"}, "MODEL_NAME \\(from the file's name: set it\\)='my model'"),
     ],
 )
 def test_a_value_that_cannot_work_stops_with_its_name(env, says):
