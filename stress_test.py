@@ -102,8 +102,9 @@ results:
   Throughput is finished requests (ok or not) per second of run time. A warning
   on stderr says when this client may have been the bottleneck (it used
   most of a core, or sent late against its schedule).
-  Exit status: 0 if every request got 200, 1 otherwise (or when --json or --plot
-  cannot be written), 2 on usage errors.
+  Exit status: 0 if every request got 200, 1 otherwise (also when Ctrl-C cut the
+  run short, or --json or --plot could not be written), 2 on usage errors (an
+  output's directory missing, a --plot name that is no image format).
 """
 
 
@@ -721,6 +722,8 @@ def format_summary(summary: dict[str, Any]) -> str:
         *((f"  {key}", "-" if v is None else f"{v:.1f}") for key, v in summary["latency_ms"].items()),
         ("client CPU", f"{summary['client_cpu_percent']:.0f} %"),
     ]
+    if summary.get("interrupted"):
+        rows.append(("interrupted", "Ctrl-C"))
     if "schedule_lag_ms" in summary:
         rows.append(("schedule lag p99", f"{summary['schedule_lag_ms']['p99']:.1f} ms"))
     width = max(len(label) for label, _ in rows)
@@ -737,8 +740,8 @@ def save(write: Callable[[], None], path: str) -> bool:
     """Run `write`; False, after one line on stderr, when `path` cannot be written."""
     try:
         write()
-    except OSError as exc:  # the summary is out already: a traceback would only bury it
-        print(f"stress_test.py: cannot write {path}: {exc.strerror or exc}", file=sys.stderr)
+    except (OSError, ValueError) as exc:  # the summary is out already: a traceback would only bury it
+        print(f"stress_test.py: cannot write {path}: {getattr(exc, 'strerror', None) or exc}", file=sys.stderr)
         return False
     return True
 
@@ -812,8 +815,8 @@ def files_warning(args: argparse.Namespace, limit: int) -> str | None:
     )
 
 
-def run(args: argparse.Namespace, target: Target) -> Recorder:
-    """Generate the load described by `args`; return what was recorded."""
+def run(args: argparse.Namespace, target: Target) -> tuple[Recorder, bool]:
+    """Generate the load described by `args`; what was recorded, and whether Ctrl-C cut it short."""
     warm_up = args.warm_up or 0.0
     budget = Budget(args.requests, None if args.duration is None else warm_up + args.duration)
 
@@ -832,7 +835,7 @@ def run(args: argparse.Namespace, target: Target) -> Recorder:
             run_closed_loop(target, args.concurrency, budget, args.timeout, rec)
     rec.sending_until = budget.ended_at
     rec.finish()
-    return rec
+    return rec, budget.stopped
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -842,6 +845,9 @@ def main(argv: list[str] | None = None) -> int:
         args.concurrency = 1
     if args.warm_up and args.duration is None:
         parser.error("--warm-up goes with --duration")
+    for option, path in (("--json", args.json), ("--plot", args.plot)):
+        if path and (problem := output_problem(path, plot=option == "--plot")):
+            parser.error(f"{option} {path}: {problem}")  # before the run, not after it
     try:
         target = build_target(args.url, args.image)
     except ValueError as exc:
@@ -850,14 +856,35 @@ def main(argv: list[str] | None = None) -> int:
         print(f"warning: cannot resolve {urlsplit(args.url).netloc}: {target.unresolved}", file=sys.stderr)
     if warning := files_warning(args, raise_open_files_limit()):
         print(warning, file=sys.stderr)
-    rec = run(args, target)
+    rec, interrupted = run(args, target)
     summary = summarize(rec, settings_of(args))
+    if interrupted:  # the planned load was not sent: not a run to take as passed
+        summary["interrupted"] = True
     print(format_summary(summary))
     if warning := bottleneck_warning(summary):
         print(warning, file=sys.stderr)
+    if not summary["requests"]:
+        print("stress_test.py: no request was sent", file=sys.stderr)
     outputs = [(args.json, lambda: write_json(summary, args.json)), (args.plot, lambda: write_plot(rec, args.plot))]
     saved = all([save(write, path) for path, write in outputs if path])  # a list: one failure does not skip the rest
-    return 0 if summary["requests"] and summary["ok"] == summary["requests"] and saved else 1
+    passed = summary["requests"] and summary["ok"] == summary["requests"] and not interrupted
+    return 0 if passed and saved else 1
+
+
+def output_problem(path: str, plot: bool) -> str | None:
+    """Why --json or --plot could not write `path`, in words; None when nothing shows yet."""
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        return f"no such directory {folder}"
+    if not os.access(folder, os.W_OK):
+        return f"cannot write in {folder}"
+    if plot:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+        formats = FigureCanvasAgg.get_supported_filetypes()
+        if os.path.splitext(path)[1].lstrip(".").lower() not in formats:
+            return f"the name must end in an image format: .{', .'.join(sorted(formats))}"
+    return None
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ import hashlib
 import json
 import os
 import pathlib
+import signal
 import socket
 import subprocess
 import sys
@@ -15,6 +16,8 @@ from collections.abc import Iterator
 
 import pytest
 import requests
+
+from scripts.processes import wait_until
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 STRESS_TEST = ROOT / "stress_test.py"
@@ -216,8 +219,9 @@ def test_a_host_that_does_not_resolve_fails_every_request(tmp_path):
     check_plot(tmp_path)
 
 
-def test_an_unwritable_json_path_is_one_line_of_error(tmp_path):
-    out = tmp_path / "no such directory" / "result.json"
+def test_a_json_path_that_fails_at_the_end_is_one_line_of_error(tmp_path):
+    out = tmp_path / "a directory"  # its folder is there and writable: found out only when written
+    out.mkdir()
     with socket.socket() as unused:
         unused.bind(("127.0.0.1", 0))  # refused: a run that ends at once
         command = [sys.executable, str(STRESS_TEST), "--url", f"http://127.0.0.1:{unused.getsockname()[1]}/predict"]
@@ -226,6 +230,18 @@ def test_an_unwritable_json_path_is_one_line_of_error(tmp_path):
     assert done.returncode == 1
     assert "requests" in done.stdout  # the summary still came first
     assert "Traceback" not in done.stderr and f"cannot write {out}" in done.stderr
+
+
+def test_ctrl_c_reports_what_was_sent_and_exits_1(upstream, tmp_path):
+    path = image(tmp_path, "x")
+    command = [sys.executable, str(STRESS_TEST), "--url", f"{upstream}/predict", "--image", str(path)]
+    running = subprocess.Popen(
+        command + ["--duration", "60"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    wait_until(lambda: digest(path) in uploads(upstream), 30, "requests sent", running)
+    running.send_signal(signal.SIGINT)
+    stdout, _ = running.communicate(timeout=60)
+    assert running.returncode == 1 and "interrupted" in stdout
 
 
 def test_timeout_ends_a_run_against_a_hung_server(upstream, tmp_path):
@@ -290,6 +306,8 @@ def test_an_early_answer_to_a_large_upload_is_counted(tmp_path):
         (["--image", "{image}", "--duration", "1", "--rate", "inf"], "finite"),
         (["--image", "{image}", "--requests", "1", "--timeout", "nan"], "finite"),
         (["--image", "{image}", "--requests", "1", "--warm-up", "1"], "--warm-up goes with --duration"),
+        (["--image", "{image}", "--requests", "1", "--plot", "out.txt"], "must end in an image format"),
+        (["--image", "{image}", "--requests", "1", "--json", "nowhere/out.json"], "no such directory"),
     ],
 )
 def test_usage_errors_exit_2(tmp_path, args, message):
