@@ -127,7 +127,10 @@ def failure(job: wire.Job, code: str, message: str) -> wire.Result:
 
 
 def result_of(job: wire.Job, probabilities: np.ndarray) -> wire.Result:
-    """The answer a job asked for: its top_k classes, or every probability."""
+    """The answer a job asked for: its top_k classes, or every probability; model_error for NaN or infinity,
+    which no JSON client could read."""
+    if not np.isfinite(probabilities).all():
+        return failure(job, "model_error", "the model's output for this image is not a number (NaN or infinity)")
     if job.top_k is None:
         return wire.Result(job.request_id, probabilities=probabilities.astype(np.float32))
     best = top_classes(probabilities, job.top_k)

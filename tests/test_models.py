@@ -338,3 +338,16 @@ def test_labels_that_would_shift_classes_or_do_not_apply_are_refused(colours_fil
     for changes in ({"preprocess": "caffe"}, {"labels": str(tmp_path / "ok.txt")}):
         with pytest.raises(zoo.ModelUnavailable, match="comes with its own"):
             zoo.load("digits", **changes)
+
+
+def test_a_model_whose_output_is_not_a_number_answers_a_model_error_in_json(model_servers, make_app, tmp_path):
+    import keras
+
+    model = keras.Sequential([keras.Input((8, 8, 1)), keras.layers.Flatten(), keras.layers.Dense(3)])
+    model.layers[-1].set_weights([np.full((64, 3), np.nan, np.float32), np.zeros(3, np.float32)])
+    model_servers.start(zoo.load(saved(model, tmp_path, "broken")))
+
+    response = upload(make_app().test_client(), DIGIT)
+
+    assert response.status_code == 500 and response.json["error"]["code"] == "model_error"
+    assert "not a number" in response.json["error"]["message"]
