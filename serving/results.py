@@ -137,17 +137,22 @@ class Inbox:
             except redis.RedisError as exc:
                 log.warning("reading answers from %s failed: %s", inbox, exc)
                 self._closed.wait(1.0)
+            except Exception:  # a reader that died would leave every later request of its model to time out
+                log.exception("reading answers from %s failed", inbox)
+                self._closed.wait(1.0)
 
     def _look(self, keys: wire.ModelKeys, waiting: dict[str, _Waiter], redis_run: _Run) -> None:
         """Answer every waiting request LOST when Redis has restarted since the last look, or "unavailable"
         once no model server of its version is alive; after a restart, not before one is alive again (the
         model servers come back to the new Redis on their next heartbeat)."""
-        unanswered = [(rid, waiter) for rid, waiter in list(waiting.items()) if waiter.result is None]
-        if redis_run.changed(self.r):
+        unanswered = [(rid, waiter) for rid, waiter in waiting.copy().items() if waiter.result is None]
+        if redis_run.changed(self.r):  # looked at even with nobody waiting: the next request's "before"
             if unanswered:
                 log.warning("Redis restarted: %d requests for %s are queued again", len(unanswered), keys.member)
             for _, waiter in unanswered:
                 _answer(waiter, LOST)
+        elif not unanswered:
+            return
         elif self.r.exists(keys.alive):
             redis_run.restarted = False
         elif not redis_run.restarted:
