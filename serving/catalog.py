@@ -116,7 +116,7 @@ class Catalog:
 
     def _ready_lately(self, which: Callable[[wire.ModelKeys], bool]) -> bool:
         since = time.monotonic() - registry.MODEL_RETENTION_S
-        return any(which(keys) and at > since for keys, at in list(self._ready_at.items()))
+        return any(which(keys) and at > since for keys, at in self._ready_at.copy().items())
 
     def _default_name(self) -> str:
         if self.default_model:
