@@ -123,8 +123,8 @@ def _load_file(path: pathlib.Path) -> object:
         raise ModelUnavailable(f"model file {path} does not exist")
     try:
         return keras.saving.load_model(path, compile=False)
-    except Exception as exc:
-        raise ModelUnavailable(f"could not load model file {path}: {exc}") from None
+    except Exception as exc:  # Keras says "File not found" of a file that is there but no model
+        raise ModelUnavailable(f"{path} is not a Keras model file Keras can read (.keras or .h5): {exc}") from None
 
 
 def _imagenet_labels() -> list[str]:
