@@ -5,7 +5,7 @@ from __future__ import annotations
 import redis
 from flask import Blueprint, Response, g, jsonify, request
 
-from serving import metrics
+from serving import metrics, wire
 from serving.dispatch import admit_early, infer, pixels_of, routed
 from serving.registry import ModelState
 from serving.upload import TIMEOUT_HEADER, Upload, parse_timeout, parse_top_k, read_image
@@ -75,8 +75,19 @@ def ready() -> tuple[Response, int]:
     ready_models = [state.keys.member for state in states if state.ready]
     body = {"model_servers": servers, "queue_depth": sum(state.queued for state in states), "models": ready_models}
     if servers == 0:
-        return jsonify(ready=False, reason="no model server is alive", **body), 503
+        reason = _refusing_writes(tier().r) or "no model server is alive"
+        return jsonify(ready=False, reason=reason, **body), 503
     return jsonify(ready=True, **body), 200
+
+
+def _refusing_writes(r: redis.Redis) -> str | None:
+    """Why Redis refuses writes, if it does (out of memory, a read-only replica): the model servers' heartbeats
+    fail then, and "no model server is alive" would send an operator to the wrong place."""
+    try:
+        r.set(f"{wire.PREFIX}:ready-probe", 1, px=1000)
+    except redis.ResponseError as exc:
+        return f"redis refuses writes ({exc}), so no model server can announce itself"
+    return None
 
 
 @api.get("/metrics")

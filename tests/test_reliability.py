@@ -224,6 +224,18 @@ def test_a_hung_redis_is_waited_out_once_by_concurrent_looks_at_the_models_not_o
     assert len(reads) == 1  # the other three were told at once; each used to wait its own socket timeout
 
 
+def test_ready_says_when_redis_refuses_writes_rather_than_that_no_model_server_lives(own_redis, settings, make_app):
+    url, _ = own_redis()
+    client = make_app(redis_url=url).test_client()
+    assert client.get("/ready").json["reason"] == "no model server is alive"
+    redis.Redis.from_url(url).config_set("maxmemory", 1)  # every write is refused, as when Redis is full
+
+    ready = client.get("/ready")
+
+    assert ready.status_code == 503
+    assert "redis refuses writes (command not allowed when used memory" in ready.json["reason"]
+
+
 def children(pid: int) -> list[int]:
     """The process ids of a process' children (gunicorn's workers)."""
     with open(f"/proc/{pid}/task/{pid}/children") as f:
