@@ -113,6 +113,21 @@ def test_a_server_taken_for_dead_that_answers_after_all_delivers_nothing_and_the
     assert sorted(wire.Result.decode(m).request_id for m in r.lrange(KEYS.inbox("worker-a"), 0, -1)) == ["a", "b"]
 
 
+def test_a_server_taken_for_dead_halfway_through_a_take_takes_no_more_into_that_batch(r, alive):
+    """Paused between a batch's first job and the rest: jobs moved into a new in-flight list would make its
+    answer transaction see a list, and answer the requeued job too."""
+    queue.submit(r, KEYS, [job("a")], limit=10)
+    stalled, peer = queue.ServerQueue(r, KEYS, "stalled"), queue.ServerQueue(r, KEYS, "peer")
+    held = [wire.Job.decode(m) for m in stalled.take(0, 1, 0, 0.1)]
+    assert peer.requeue_if_dead("stalled") == 1
+    queue.submit(r, KEYS, [job("b")], limit=10)
+
+    assert stalled.take_more(0, 1, 0) == []
+    answers = [(j.reply_to, wire.Result(j.request_id, top=((7, 1.0),))) for j in held]
+    assert stalled.answer(0, answers, ttl_s=30) is False
+    assert ids(r.lrange(KEYS.queue, 0, -1)) == ["b", "a"]  # both for whoever takes them next
+
+
 def test_a_slot_left_over_from_a_failed_batch_is_requeued_before_it_is_used_again(r, alive):
     queue.submit(r, KEYS, [job("a"), job("b")], limit=10)
     server = queue.ServerQueue(r, KEYS, "s1")
