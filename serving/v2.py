@@ -19,7 +19,7 @@ from serving import tensors, wire
 from serving.dispatch import admit_early, infer, pixels_of, resolve, routed
 from serving.errors import ApiError
 from serving.registry import ModelState
-from serving.upload import TIMEOUT_HEADER, b64decode, parse_timeout, read_body
+from serving.upload import TIMEOUT_HEADER, b64decode, parse_timeout, parse_version, read_body
 from serving.webtier import arrival, public, tier
 
 PREFIX = "/v2"
@@ -87,19 +87,25 @@ def model_infer(name: str, version: str | None = None) -> Response:
     timeout_s = parse_timeout(t.settings.request_timeout_s, header=request.headers.get(TIMEOUT_HEADER))
     deadline = arrival() + timeout_s  # decoding counts too
     # The URL first: an unknown model is a 404 whatever the body holds.
-    _resolve(name, version)
+    _check_version(name, version)
     return routed(name, version, lambda model, movable: _inferred(model, deadline, timeout_s, movable))
 
 
 def _resolve(name: str, version: str | None) -> ModelState:
-    """The model version a path names. The protocol's versions are strings: one that is no version number here
-    ("two", "0") is an unknown version (404), where /predict's `version` option would be a 400."""
+    """The model version a path names (dispatch.resolve, after _check_version)."""
+    _check_version(name, version)
+    return resolve(name, version)
+
+
+def _check_version(name: str, version: str | None) -> None:
+    """The protocol's versions are strings: one that is no version number here ("two", "0") is an unknown
+    version (404), where /predict's `version` option would be a 400; of an unknown model, a 404 saying so."""
+    if version is None:
+        return
     try:
-        return resolve(name, version)
-    except ApiError as exc:
-        if exc.status != 400 or version is None:
-            raise
-        resolve(name, None)  # an unknown model is named as such
+        parse_version(version)
+    except ApiError:
+        resolve(name, None)
         message = f"model {name!r} has no version {version!r:.40}; its versions are: {', '.join(_versions(name))}"
         raise ApiError(404, "unknown_model", message) from None
 
