@@ -882,7 +882,8 @@ def output_problem(path: str, plot: bool) -> str | None:
         from matplotlib.backends.backend_agg import FigureCanvasAgg
 
         formats = FigureCanvasAgg.get_supported_filetypes()
-        if os.path.splitext(path)[1].lstrip(".").lower() not in formats:
+        extension = os.path.splitext(path)[1].lstrip(".").lower()
+        if extension and extension not in formats:  # none: matplotlib writes PNG
             return f"the name must end in an image format: .{', .'.join(sorted(formats))}"
     return None
 
