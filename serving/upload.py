@@ -88,7 +88,8 @@ def read_image(request: Request) -> Upload:
     form, files = _form(request)
     upload = files.get("image")
     if upload is None:
-        read_body(request)  # too large is a 413 whatever the body is: Werkzeug reads no chunked body but a form
+        if not _content_encoding(request):  # a compressed one was read and unpacked whole by _form already
+            read_body(request)  # too large is a 413 whatever the body is: Werkzeug reads no chunked body but a form
         raise ApiError(400, "missing_image", f"{_HOW}; {_what_came(request, form, files)}")
     data = upload.read()
     if not data:  # also what a browser form sends when no file was chosen
