@@ -1,7 +1,9 @@
 """The web tier's view of the models in Redis: which are served, and which version a request goes to.
 
-Read from the registry at most every REFRESH_S, so a model whose servers start is served within a
-second, without a restart, and a request costs no extra round trip to find its model.
+Read from the registry at most every REFRESH_S, so a model's new version is served within a second,
+without a restart, and a request costs no extra round trip to find its model. A request for a model the
+view lacks reads it again first, unless it is younger than RECHECK_S: a model whose first server just
+started is served as soon as /ready (which reads the registry when asked) says so.
 """
 
 from __future__ import annotations
@@ -18,6 +20,9 @@ from serving.registry import ModelState
 
 # How long a web worker trusts what it read of the models before reading it again.
 REFRESH_S = 1.0
+# How old a view may be that turns a request away for a model it lacks: a model whose first server started
+# since is found by a read then, not a REFRESH_S later (/ready, which reads now, says it is ready at once).
+RECHECK_S = 0.1
 _BACK_SOON = "the model servers announce their models again within a heartbeat; try again shortly"
 
 
@@ -48,16 +53,17 @@ class Catalog:
         # When this worker last read each version as ready (time.monotonic()): see _missing.
         self._ready_at: dict[wire.ModelKeys, float] = {}
 
-    def states(self) -> list[ModelState]:
-        """Every known model version, sorted by name then version, as read within refresh_s.
+    def states(self, max_age_s: float | None = None) -> list[ModelState]:
+        """Every known model version, sorted by name then version, as read within max_age_s (else refresh_s).
 
         A read that failed fails every look for refresh_s: when Redis hangs, a read waits out the socket
         timeout, and requests must not each wait their turn to wait it out again."""
-        if self._stale():
+        max_age_s = self.refresh_s if max_age_s is None else max_age_s
+        if self._stale(max_age_s):
             with self._lock:
                 if self._failed and time.monotonic() - self._failed[0] < self.refresh_s:
                     raise redis.ConnectionError(f"Redis did not answer the last read of the models: {self._failed[1]}")
-                if self._stale():
+                if self._stale(max_age_s):
                     try:
                         self.read()
                     except redis.RedisError as exc:
@@ -76,8 +82,8 @@ class Catalog:
         """Read the registry again on the next look, e.g. once a model turned out to be replaced."""
         self._read_at = None
 
-    def _stale(self) -> bool:
-        return self._read_at is None or time.monotonic() - self._read_at > self.refresh_s
+    def _stale(self, max_age_s: float) -> bool:
+        return self._read_at is None or time.monotonic() - self._read_at > max_age_s
 
     def names(self) -> list[str]:
         return sorted({state.keys.name for state in self.states()})
@@ -85,8 +91,16 @@ class Catalog:
     def resolve(self, name: str | None, version: int | None) -> ModelState:
         """The model version a request goes to: the named version, or the highest with a live server.
 
-        Raises UnknownModel, NoModelNamed or NoModel; the state's info may still be None.
+        Raises UnknownModel, NoModelNamed or NoModel, as a view read within RECHECK_S has it; the state's info
+        may still be None.
         """
+        try:
+            return self._resolve(name, version)
+        except LookupError:
+            self.states(RECHECK_S)
+            return self._resolve(name, version)
+
+    def _resolve(self, name: str | None, version: int | None) -> ModelState:
         wanted = name or self._default_name()
         versions = [state for state in self.states() if state.keys.name == wanted]
         if not versions and not name:  # DEFAULT_MODEL names a model none of whose servers has started

@@ -7,13 +7,14 @@ import base64
 import math
 import pathlib
 import re
+import time
 from dataclasses import dataclass
 
 import numpy as np
 import pytest
 
 from scripts.processes import wait_until
-from serving import registry, wire, zoo
+from serving import catalog, registry, wire, zoo
 from serving.modelserver import ModelServer
 from tests.conftest import ModelServers, png, solid, upload
 
@@ -211,6 +212,19 @@ def test_a_model_published_later_is_served_without_a_restart(served, colours, cl
     served.start(colours)
     wait_until(lambda: upload(client, RED, model="colours").status_code == 200, 10, "colours served")
     assert upload(client, RED, model="colours").json["predictions"][0]["label"] == "red"
+
+
+def test_a_model_whose_first_server_just_started_is_served_at_once_not_a_refresh_later(served, colours, make_app):
+    """/ready reads the registry when asked: a load balancer that saw it ready must not then get a 404 or 503
+    from a worker whose view of the models is older than the model."""
+    app = make_app()
+    client = app.test_client()
+    app.extensions["serving"].catalog.refresh_s = math.inf  # the view the 404 below reads would otherwise last
+    assert upload(client, RED, model="colours").status_code == 404
+    served.start(colours)
+    time.sleep(catalog.RECHECK_S)
+
+    assert upload(client, RED, model="colours").status_code == 200
 
 
 def test_ready_names_the_ready_models(two_models, client):
