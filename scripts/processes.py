@@ -71,12 +71,19 @@ def redis_url(port: int, password: str | None = None, host: str = "127.0.0.1") -
 
 
 def start_redis(
-    port: int, password: str | None = None, bind: str = "127.0.0.1", hz: int = 10, url: str | None = None
+    port: int,
+    password: str | None = None,
+    bind: str = "127.0.0.1",
+    hz: int = 10,
+    url: str | None = None,
+    *,
+    own_group: bool = False,
 ) -> subprocess.Popen:
     """A throwaway redis-server that keeps nothing on disk; `hz` is how often it checks blocking timeouts.
 
     Ready once a client gets in at `url` (by default the address it binds), the URL its clients will use.
     If it does not get ready, it is stopped before the error is raised: a failed start leaves nothing running.
+    own_group: in a process group of its own, out of reach of a terminal's Ctrl-C (see start_python).
     """
     server = shutil.which("redis-server")
     if server is None:
@@ -87,7 +94,7 @@ def start_redis(
     args = [server, "--port", str(port), "--bind", bind, "--save", "", "--appendonly", "no", "--hz", str(hz)]
     if password:
         args += ["--requirepass", password]
-    process = subprocess.Popen(args, stdout=subprocess.DEVNULL)
+    process = subprocess.Popen(args, stdout=subprocess.DEVNULL, process_group=0 if own_group else None)
     ready_url = url or redis_url(port, password, bind)
     try:
         wait_until(lambda: redis_answers(ready_url), 10, "redis-server", process)
@@ -104,12 +111,18 @@ def environ_without_settings() -> dict[str, str]:
 
 
 def start_python(
-    script: str, env: dict[str, str], log_path: pathlib.Path | None = None, *, inherit_settings: bool = True
+    script: str,
+    env: dict[str, str],
+    log_path: pathlib.Path | None = None,
+    *,
+    inherit_settings: bool = True,
+    own_group: bool = False,
 ) -> subprocess.Popen:
     """Run one of the repo's entry points with extra environment, its output to log_path.
 
     inherit_settings=False leaves out the settings exported here (environ_without_settings); `make run`
-    keeps them, since there settings pass through the environment.
+    keeps them, since there settings pass through the environment. own_group=True starts it in a process
+    group of its own: a terminal's Ctrl-C signals only the foreground group, so the starter alone hears it.
     """
     out = open(log_path, "wb") if log_path else None  # noqa: SIM115 (the child owns it)
     base = os.environ if inherit_settings else environ_without_settings()
@@ -119,6 +132,7 @@ def start_python(
         env={**base, **env},
         stdout=out,
         stderr=subprocess.STDOUT if out else None,
+        process_group=0 if own_group else None,
     )
 
 

@@ -1,15 +1,18 @@
 """`make run`: Redis (if none answers at REDIS_URL), one model server and the web server, in the foreground.
 
-Ctrl-C (or SIGTERM) stops everything this started; if one of them dies, the rest are stopped too.
+Ctrl-C (or SIGTERM, or a closed terminal) stops everything this started, in order: the web tier, the
+model server, Redis. If one of them dies, the rest are stopped too.
 """
 
 from __future__ import annotations
 
+import json
 import pathlib
 import signal
 import subprocess
 import sys
 import time
+import urllib.request
 from urllib.parse import unquote, urlparse
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
@@ -56,7 +59,7 @@ def local_redis(url: str) -> subprocess.Popen:
     # redis-py unquotes the URL's password (p%40ss is p@ss): the server must expect what clients send.
     password = unquote(parts.password) if parts.password else None
     try:
-        return processes.start_redis(parts.port or 6379, password, bind, url=url)
+        return processes.start_redis(parts.port or 6379, password, bind, url=url, own_group=True)
     except FileNotFoundError as exc:
         sys.exit(f"No Redis answers at {shown(url)}, and {exc}")
     except processes.RedisRefused as exc:
@@ -68,17 +71,36 @@ def local_redis(url: str) -> subprocess.Popen:
         sys.exit(f"No Redis answers at REDIS_URL={shown(url)}, and the redis-server started for it failed ({exc}).")
 
 
+def ready(url: str, member: str) -> bool:
+    """Whether the web tier at url answers /ready with `member` ("name:version") among its ready models."""
+    try:
+        with urllib.request.urlopen(f"{url}/ready", timeout=2) as response:
+            return member in json.load(response).get("models", [])
+    except (OSError, ValueError):  # not up yet, or a 503 while the model server warms up
+        return False
+
+
 def main() -> int:
     settings = Settings.from_env()
     children: list[subprocess.Popen] = []
-    # Before anything starts: a SIGTERM or Ctrl-C while the stack comes up still stops what was started.
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    # Before anything starts: a SIGTERM, a closed terminal or Ctrl-C while the stack comes up still stops
+    # what was started.
+    for signum in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(signum, lambda *_: sys.exit(0))
     try:
         children += redis_for(settings.redis_url)
-        children.append(processes.start_python("model_server.py", {}))
-        children.append(processes.start_python("web_server.py", {}))
-        print(f"serving {settings.model} on http://localhost:{settings.port}; Ctrl-C stops", flush=True)
+        # Each child in a process group of its own: a terminal's Ctrl-C signals its whole foreground group at
+        # once, and Redis then quit under the model server's last answers while gunicorn's workers died
+        # mid-request with a traceback. Only this script hears it, and stops them in order below.
+        children.append(processes.start_python("model_server.py", {}, own_group=True))
+        children.append(processes.start_python("web_server.py", {}, own_group=True))
+        url, member = f"http://localhost:{settings.port}", f"{settings.model_name}:{settings.model_version}"
+        print(f"starting {settings.model} on {url}", flush=True)
+        announced = False
         while all(child.poll() is None for child in children):
+            if not announced and ready(url, member):
+                print(f"serving {settings.model} on {url}; Ctrl-C stops", flush=True)
+                announced = True
             time.sleep(0.5)
         return 1  # one of them died: stop the rest, and say so
     except KeyboardInterrupt:

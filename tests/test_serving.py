@@ -21,7 +21,7 @@ import redis
 import requests
 from werkzeug.test import TestResponse
 
-from scripts.processes import REPO, Stack, free_port, http_ok, start_python, wait_until
+from scripts.processes import REPO, Stack, free_port, start_python, wait_until
 from serving import zoo
 from tests.conftest import assert_rejected, in_parallel, png, probabilities, upload
 
@@ -138,7 +138,7 @@ def test_stack_processes_get_only_the_settings_the_test_names(make_stack, monkey
 
 
 # scripts/run.py (make run) as a user starts it. It runs in a session of its own, so that the teardown can
-# reach whatever it started, even a Redis it left behind.
+# reach whatever it started (each in a process group of its own), even a Redis it left behind.
 class Run(NamedTuple):
     process: subprocess.Popen
     log: pathlib.Path  # its output
@@ -150,9 +150,9 @@ def make_run(tmp_path: pathlib.Path) -> Iterator[Callable[[str], Run]]:
     """make_run(redis_url) -> run.py serving digits on a free port with that REDIS_URL."""
     started: list[subprocess.Popen] = []
 
-    def start(redis_url: str) -> Run:
+    def start(redis_url: str, model: str = "digits") -> Run:
         port, log = free_port(), tmp_path / f"run-{len(started)}.log"
-        env = {**os.environ, "REDIS_URL": redis_url, "MODEL": "digits", "PORT": str(port)}
+        env = {**os.environ, "REDIS_URL": redis_url, "MODEL": model, "PORT": str(port)}
         with log.open("wb") as out:
             command = [sys.executable, str(REPO / "scripts" / "run.py")]
             started.append(subprocess.Popen(command, env=env, stdout=out, stderr=out, start_new_session=True))
@@ -160,9 +160,20 @@ def make_run(tmp_path: pathlib.Path) -> Iterator[Callable[[str], Run]]:
 
     yield start
     for process in started:
-        with contextlib.suppress(ProcessLookupError):  # nothing left in its session: all stopped
-            os.killpg(process.pid, signal.SIGKILL)
+        for pid in session(process.pid):
+            with contextlib.suppress(ProcessLookupError):  # it ended meanwhile
+                os.kill(pid, signal.SIGKILL)
         process.wait()
+
+
+def session(sid: int) -> list[int]:
+    """The processes still in session `sid`."""
+    members = []
+    for entry in pathlib.Path("/proc").iterdir():
+        with contextlib.suppress(ValueError, OSError):  # not a process, or one that ended meanwhile
+            if os.getsid(int(entry.name)) == sid:
+                members.append(int(entry.name))
+    return members
 
 
 def listening(host: str, port: int) -> bool:
@@ -171,14 +182,20 @@ def listening(host: str, port: int) -> bool:
 
 
 def serves_then_stops(run: Run, redis_url: str) -> None:
-    """run.py comes up with a Redis that lets a client of redis_url in, and Ctrl-C stops all it started."""
-    wait_until(lambda: "Ctrl-C stops" in run.log.read_text(), 30, "make run", run.process)
+    """run.py comes up with a Redis that lets a client of redis_url in, says it serves once the model answers,
+    and Ctrl-C stops all it started, in order and quietly."""
+    wait_until(lambda: "Ctrl-C stops" in run.log.read_text(), 60, "make run", run.process)
     assert redis.Redis.from_url(redis_url, socket_connect_timeout=2).ping()  # as the model and web servers do
-    wait_until(lambda: http_ok(f"http://127.0.0.1:{run.port}/health"), 30, "the web server on PORT", run.process)
-    run.process.send_signal(signal.SIGINT)
+    image = {"image": (REPO / "samples" / "digit_3.png").read_bytes()}
+    answer = requests.post(f"http://127.0.0.1:{run.port}/predict", files=image, timeout=30)
+    assert answer.status_code == 200, answer.text
+    os.killpg(run.process.pid, signal.SIGINT)  # Ctrl-C: a terminal signals its whole foreground process group
     assert run.process.wait(timeout=90) == 0, run.log.read_text()
+    assert session(run.process.pid) == []
     parts = urlparse(redis_url)
     assert not listening(parts.hostname, parts.port)  # its Redis stopped with it
+    text = run.log.read_text()
+    assert "Traceback" not in text and "could not leave cleanly" not in text, text
 
 
 @pytest.mark.processes
@@ -196,6 +213,15 @@ def test_make_run_starts_redis_on_the_ipv6_loopback_it_is_asked_for(make_run):
         pytest.skip("this machine has no IPv6 loopback")
     url = f"redis://[::1]:{free_port()}/0"
     serves_then_stops(make_run(url), url)
+
+
+@pytest.mark.processes
+def test_make_run_never_says_serving_when_the_model_server_cannot_start(make_run):
+    run = make_run(f"redis://127.0.0.1:{free_port()}/0", model="no-such-model")
+    assert run.process.wait(timeout=120) == 1
+    text = run.log.read_text()
+    assert "starting no-such-model" in text and "Ctrl-C stops" not in text, text
+    assert session(run.process.pid) == []  # its web tier and Redis stopped with it
 
 
 def refused(run: Run) -> str:
