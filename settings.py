@@ -180,8 +180,20 @@ def _parse(f: dataclasses.Field, raw: str) -> object:
         return raw
     kind = int if f.type == "int" else float
     try:
-        if "_" in raw:  # Python's 1_000 is no number in the README, nor in a request's options
-            raise ValueError(raw)
-        return kind(raw)
+        return _number(raw, kind)
     except ValueError:
         raise SystemExit(f"setting {name}={raw!r} must be {'a whole number' if kind is int else 'a number'}") from None
+
+
+def _number(raw: str, kind: type) -> float:
+    if "_" in raw:  # Python's 1_000 is no number in the README, nor in a request's options
+        raise ValueError(raw)
+    if kind is float:
+        return float(raw)
+    try:
+        return int(raw)
+    except ValueError:
+        value = float(raw)  # 1e3 is a whole number too, as the README says; 2.5 is not
+        if not value.is_integer():
+            raise
+        return int(value)

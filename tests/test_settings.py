@@ -14,6 +14,7 @@ def test_each_field_comes_from_the_variable_of_its_name():
     assert s.model_name == "colours"  # MODEL_NAME defaults from the file's name
     assert Settings.from_env({"MODEL": "digits", "BATCH_SIZE": " "}).batch_size == 32  # blank keeps the default
     assert Settings.from_env({"MODEL_VERSION": "2026120623"}).model_version == 2026120623  # date-like versions
+    assert Settings.from_env({"QUEUE_LIMIT": "1e3"}).queue_limit == 1000  # the README's plain numbers
 
 
 @pytest.mark.parametrize(
@@ -40,6 +41,8 @@ def test_each_field_comes_from_the_variable_of_its_name():
         ({"BATCH_SIZE": "1000000000000"}, "BATCH_SIZE=1000000000000 must be at most 4,096"),
         ({"HEARTBEAT_S": "6", "HEARTBEAT_TTL_S": "2"}, "HEARTBEAT_TTL_S=2 must be longer than HEARTBEAT_S=6"),
         ({"BATCH_SIZE": "1_0"}, "BATCH_SIZE='1_0' must be a whole number"),
+        ({"BATCH_SIZE": "2.5"}, "BATCH_SIZE='2.5' must be a whole number"),
+        ({"BATCH_SIZE": "inf"}, "BATCH_SIZE='inf' must be a whole number"),
         ({"MODEL": "/m/my model.keras"}, "MODEL_NAME \\(from the file's name: set it\\)='my model'"),
     ],
 )
