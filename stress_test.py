@@ -874,6 +874,8 @@ def main(argv: list[str] | None = None) -> int:
 def output_problem(path: str, plot: bool) -> str | None:
     """Why --json or --plot could not write `path`, in words; None when nothing shows yet."""
     folder = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path):
+        return f"{path} is a directory; name a file in it"
     if not os.path.isdir(folder):
         return f"no such directory {folder}"
     if not os.access(folder, os.W_OK):

@@ -308,6 +308,7 @@ def test_an_early_answer_to_a_large_upload_is_counted(tmp_path):
         (["--image", "{image}", "--requests", "1", "--warm-up", "1"], "--warm-up goes with --duration"),
         (["--image", "{image}", "--requests", "1", "--plot", "out.txt"], "must end in an image format"),
         (["--image", "{image}", "--requests", "1", "--json", "nowhere/out.json"], "no such directory"),
+        (["--image", "{image}", "--requests", "1", "--json", "."], ". is a directory"),
     ],
 )
 def test_usage_errors_exit_2(tmp_path, args, message):
