@@ -80,34 +80,43 @@ def ready(url: str, member: str) -> bool:
         return False
 
 
+def watch(children: dict[str, subprocess.Popen], settings: Settings) -> str:
+    """Say "serving" once the web tier lists the model as ready; the name of the first child to exit."""
+    url, member = f"http://localhost:{settings.port}", f"{settings.model_name}:{settings.model_version}"
+    print(f"starting {settings.model} on {url}", flush=True)
+    announced = False
+    while True:
+        for name, child in children.items():
+            if child.poll() is not None:
+                return name
+        if not announced and ready(url, member):
+            print(f"serving {settings.model} on {url}; Ctrl-C stops", flush=True)
+            announced = True
+        time.sleep(0.5)
+
+
 def main() -> int:
     settings = Settings.from_env()
-    children: list[subprocess.Popen] = []
+    children: dict[str, subprocess.Popen] = {}
     # Before anything starts: a SIGTERM, a closed terminal or Ctrl-C while the stack comes up still stops
     # what was started.
     for signum in (signal.SIGTERM, signal.SIGHUP):
         signal.signal(signum, lambda *_: sys.exit(0))
     try:
-        children += redis_for(settings.redis_url)
+        children.update(("redis-server", process) for process in redis_for(settings.redis_url))
         # Each child in a process group of its own: a terminal's Ctrl-C signals its whole foreground group at
         # once, and Redis then quit under the model server's last answers while gunicorn's workers died
         # mid-request with a traceback. Only this script hears it, and stops them in order below.
-        children.append(processes.start_python("model_server.py", {}, own_group=True))
-        children.append(processes.start_python("web_server.py", {}, own_group=True))
-        url, member = f"http://localhost:{settings.port}", f"{settings.model_name}:{settings.model_version}"
-        print(f"starting {settings.model} on {url}", flush=True)
-        announced = False
-        while all(child.poll() is None for child in children):
-            if not announced and ready(url, member):
-                print(f"serving {settings.model} on {url}; Ctrl-C stops", flush=True)
-                announced = True
-            time.sleep(0.5)
-        return 1  # one of them died: stop the rest, and say so
+        children["the model server"] = processes.start_python("model_server.py", {}, own_group=True)
+        children["the web server"] = processes.start_python("web_server.py", {}, own_group=True)
+        dead = watch(children, settings)
+        print(f"{dead} exited with status {children[dead].returncode}: stopping the rest", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         return 0
     finally:
         # The web tier first (it drains through the model server), then the model server, Redis last.
-        for child in reversed(children):
+        for child in reversed(children.values()):
             processes.stop(child)
 
 

@@ -221,6 +221,7 @@ def test_make_run_never_says_serving_when_the_model_server_cannot_start(make_run
     assert run.process.wait(timeout=120) == 1
     text = run.log.read_text()
     assert "starting no-such-model" in text and "Ctrl-C stops" not in text, text
+    assert "the model server exited with status 2: stopping the rest" in text, text
     assert session(run.process.pid) == []  # its web tier and Redis stopped with it
 
 
