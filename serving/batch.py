@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from serving import logs, wire
+from serving.admission import HEADROOM
 from serving.speed import Meter
 
 # Rows up to this long are sorted whole: shorter than that, partitioning first costs more than it saves.
@@ -78,6 +79,13 @@ class Intake:
     def wanted(self) -> int:
         """How many more messages to take: one at a time until a job sets the size, then up to it."""
         return self.limit - len(self.batch.jobs) if self.limit else 1
+
+    def window(self, wait_s: float, now: float) -> float:
+        """How long the batch may wait for more jobs: wait_s (BATCH_WAIT_MS), but no longer than still answers
+        its most urgent job within the share of its remaining time that admission counts on (HEADROOM)."""
+        earliest = min(job.deadline for job in self.batch.jobs)
+        finish = self.meter.predict_seconds(self.limit) + self.meter.extra_seconds
+        return max(0.0, min(wait_s, HEADROOM * (earliest - now) - finish))
 
     def admit(self, message: bytes) -> None:
         position, self.taken = self.taken, self.taken + 1

@@ -193,7 +193,7 @@ class ModelServer:
             else:
                 started = time.perf_counter()
             ran_dry, asked = len(raw) < asked, intake.wanted()
-            if asked <= 0:
+            if asked <= 0 or self.stopping.is_set():  # a stop takes no more: the batch in hand is computed
                 break
             if batch.jobs and not self._predict_free.is_set():
                 # This batch cannot start before the one ahead is done: it takes what comes meanwhile,
@@ -205,7 +205,8 @@ class ModelServer:
                 continue
             if ran_dry:
                 break
-            raw = self.queue.take_more(slot, asked, window_s if batch.jobs else 0.0)
+            wait_s = intake.window(window_s, self.clock.now()) if batch.jobs else 0.0
+            raw = self.queue.take_more(slot, asked, wait_s, until=self.stopping)
             if batch.jobs:  # the window opens once, when the batch's size is known
                 window_s = 0.0
         batch.ran_dry = intake.wanted() > 0

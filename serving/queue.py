@@ -9,6 +9,7 @@ two places. Every script and transaction here touches the keys of one model only
 
 from __future__ import annotations
 
+import threading
 import time
 from collections import defaultdict
 from enum import Enum
@@ -50,6 +51,7 @@ WINDOW_STEP_S = 0.0005
 INFLIGHT_SLOTS = 3
 # What an answered job is overwritten with in an in-flight list before removal: never a valid job.
 _ANSWERED = "answered"
+_NEVER = threading.Event()  # a window that only its end closes
 
 
 Needs = Literal["alive", "registered", "nothing"]
@@ -101,9 +103,9 @@ class ServerQueue:
             return []
         return [first, *self.take_more(slot, size - 1, wait_s)]
 
-    def take_more(self, slot: int, size: int, wait_s: float) -> list[bytes]:
+    def take_more(self, slot: int, size: int, wait_s: float, until: threading.Event = _NEVER) -> list[bytes]:
         """Up to `size` more raw jobs into the in-flight list `slot` already holds some of, waiting up to
-        wait_s for them; none waits for a first job."""
+        wait_s for them, or until `until` is set (a stop); none waits for a first job."""
         inflight = self.keys.inflight(self.server_id, slot)
         batch: list[bytes] = []
         window_ends = time.monotonic() + wait_s
@@ -114,7 +116,8 @@ class ServerQueue:
                 return batch
             # The window is timed here, not with a blocking pop's timeout: Redis checks those
             # only at its `hz` tick (every 100 ms by default), far coarser than a few ms.
-            time.sleep(min(remaining, WINDOW_STEP_S))
+            if until.wait(min(remaining, WINDOW_STEP_S)):
+                return batch
         return batch
 
     def _move(self, inflight: str, n: int) -> list[bytes]:

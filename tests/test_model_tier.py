@@ -207,6 +207,34 @@ def test_a_stop_computes_and_answers_the_batches_taken_and_leaves_the_rest_queue
     assert held(r, server) == [0, 0, 0] and not r.sismember(server.keys.servers, server.server_id)
 
 
+def test_a_stop_closes_the_batching_window_and_takes_no_more(r, model_servers):
+    """SIGTERM: "finish the batch in hand, take no more". A stop used to wait out BATCH_WAIT_MS, taking what came."""
+    servable = timed()
+    server = model_servers.start(servable, batch_size=32, batch_wait_ms=10_000)
+    first = submit(r, servable, 1, prefix="first")
+    wait_until(lambda: sum(held(r, server)) == 1, 30, "the first job taken, its window open")
+    stopping = threading.Thread(target=model_servers.stop, args=(server,))
+    stopping.start()
+    later: list[str] = []
+    while stopping.is_alive():
+        later += submit(r, servable, 1, prefix=f"later{len(later)}-")
+        time.sleep(0.01)
+
+    assert model_servers.computed[0] == first[0]
+    assert len(set(model_servers.computed) & set(later)) <= 1  # at most a move already under way at the stop
+
+
+def test_the_batching_window_ends_in_time_for_its_jobs_deadline(r, model_servers):
+    servable = timed()
+    server = model_servers.start(servable, batch_size=4, batch_wait_ms=10_000)
+    submit(r, servable, 1, deadline_s=2.0, prefix="alone")  # nothing else comes
+
+    (answer,) = wait_answered(r, servable, 1)
+    model_servers.stop(server)  # its counts are complete once it has stopped
+
+    assert answer.error_code == "" and model_servers.counted("finished_late") == 0  # not held for 10 s
+
+
 def test_batches_are_padded_to_the_allowed_sizes_compiled_at_warm_up(r, model_servers):
     servable = timed()
     model_servers.start(servable, batch_size=12)
