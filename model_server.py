@@ -73,6 +73,9 @@ def predict_threads() -> int | str:
 
 
 def main() -> int:
+    # Until the server exists, SIGTERM or Ctrl-C has no batch to finish: exit 0 at once, as afterwards.
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: sys.exit(0))
     settings = Settings.from_env()
     logs.setup("model_server", settings)
     use_threads(settings.model_threads)

@@ -22,7 +22,7 @@ import requests
 from werkzeug.test import TestResponse
 
 from scripts.processes import REPO, Stack, free_port, start_python, wait_until
-from serving import zoo
+from serving import wire, zoo
 from tests.conftest import assert_rejected, in_parallel, png, probabilities, upload
 
 
@@ -111,6 +111,19 @@ def test_error_answers_are_contract_json(r, served, client):
     ]
     for response, status, code in cases:
         assert_rejected(r, served, response, status, code)
+
+
+@pytest.mark.processes
+def test_a_model_server_stopped_while_it_loads_its_model_exits_0(redis_url, r, tmp_path):
+    env = {"REDIS_URL": redis_url, "LOG_FORMAT": "json", "MODEL": "digits"}
+    process = start_python("model_server.py", env, tmp_path / "model.log", inherit_settings=False)
+    # Its version counts as alive from the start of its load (registry.starting), long before it serves.
+    wait_until(lambda: r.exists(wire.ModelKeys("digits", 1).alive), 60, "the model server loading", process)
+
+    process.send_signal(signal.SIGTERM)
+
+    assert process.wait(timeout=60) == 0
+    assert "serving" not in [line["message"] for line in Stack.log_lines(tmp_path / "model.log")]  # never served
 
 
 @pytest.mark.processes
