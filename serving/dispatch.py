@@ -11,6 +11,7 @@ from contextlib import contextmanager
 from typing import TypeVar
 
 import numpy as np
+import redis
 from flask import g, request
 
 from serving import images, wire
@@ -89,15 +90,26 @@ def pixels_of(image_file: bytes, info: wire.ModelInfo) -> np.ndarray:
 
 
 @contextmanager
-def refusals_as_http(timeout_s: float) -> Iterator[None]:
+def refusals_as_http(model: ModelState, timeout_s: float) -> Iterator[None]:
     """Refused as 503 with Retry-After (whole seconds, at least 1), TimedOut as 504."""
     try:
         yield
     except Refused as exc:
         raise ApiError(503, exc.reason, exc.message, {"Retry-After": exc.retry_after_header}) from None
     except TimedOut as exc:
-        message = exc.message or f"no answer within {timeout_s:g} s; the server is busy, try again later"
-        raise ApiError(504, "timeout", message) from None
+        raise ApiError(504, "timeout", exc.message or _no_answer(model, timeout_s)) from None
+
+
+def _no_answer(model: ModelState, timeout_s: float) -> str:
+    """Why the model tier did not answer in time: busy, unless the catalog shows no server of the version."""
+    try:
+        busy = _live(model)
+    except redis.RedisError:
+        busy = True
+    if busy:
+        return f"no answer within {timeout_s:g} s; the server is busy, try again later"
+    named = f"{model.keys.name} version {model.keys.version}"
+    return f"no answer within {timeout_s:g} s: no model server of {named} is serving now; try again later"
 
 
 def admit_early(model: ModelState, count: int, deadline: float, timeout_s: float) -> None:
@@ -110,7 +122,7 @@ def admit_early(model: ModelState, count: int, deadline: float, timeout_s: float
     if client_gone(request.environ):
         # 499 as nginx logs it: the request log and metrics count them; a client that only half-closed reads why.
         raise ApiError(499, "client_closed", "the connection was closed before the answer; nothing was computed")
-    with refusals_as_http(timeout_s):
+    with refusals_as_http(model, timeout_s):
         tier().inference.refuse_early(model, count, deadline)
 
 
@@ -126,7 +138,7 @@ def infer(
     NotServed (for routed) when its version has no model server to take or compute its images."""
     t = tier()
     still_served = (lambda: _live(model)) if movable else None
-    with refusals_as_http(timeout_s):
+    with refusals_as_http(model, timeout_s):
         results = t.inference.infer(g.request_id, model, pixels, top_k, deadline, still_served)
     for result in results:
         if result.error_code == "model_changed":

@@ -181,7 +181,8 @@ class InferenceClient:
             raise self._refusal(model, estimate, limit, depth, len(jobs))
         if status is queue.Submitted.NO_SERVER:
             metrics.refused(model.keys, "no_server")
-            message = f"no model server of {model.keys.name} has announced itself lately; try again later"
+            named = f"{model.keys.name} version {model.keys.version}"
+            message = f"no model server of {named} has announced itself lately; try again later"
             raise Refused("unavailable", message)
 
     def _refusal(self, model: ModelState, estimate: Estimate, limit: Limit, queued: int, count: int) -> Refused:

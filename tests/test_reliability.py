@@ -126,10 +126,13 @@ def test_without_model_servers_requests_time_out_then_are_refused(make_stack, ma
 
     ready = client.get("/ready")
     assert ready.status_code == 503 and "model server" in ready.json["reason"]
-    assert upload(client, DIGIT).status_code == 504  # one may come back any moment
+    timed_out = upload(client, DIGIT)  # queued: one may come back any moment
+    assert timed_out.status_code == 504, timed_out.json
+    assert "no model server of digits version 1 is serving now" in timed_out.json["error"]["message"]
     wait_until(lambda: not stack.redis().exists(DIGITS.alive), 20, "the grace period over")
     refused = upload(client, DIGIT)
     assert refused.status_code == 503 and refused.json["error"]["code"] == "unavailable"
+    assert "no model server of digits version 1 has announced itself" in refused.json["error"]["message"]
 
 
 @pytest.mark.processes
