@@ -1,5 +1,5 @@
 """gunicorn's gevent worker, accepting every pending connection at once instead of one per turn of its loop,
-and answering a request it cannot parse in the contract's JSON.
+answering a request it cannot parse in the contract's JSON, and stopping when told to even while it boots.
 
 With more than one worker, gunicorn has each accept one connection per turn of the event loop, so
 that the workers share them out. A busy worker's loop turns only once all its ready requests have
@@ -15,6 +15,7 @@ never reaches the app; gunicorn answers it through util.write_error, with an HTM
 from __future__ import annotations
 
 import json
+import signal
 import socket
 from functools import partial
 
@@ -27,6 +28,14 @@ ACCEPT_AT_ONCE = 1024
 
 
 class Worker(GeventWorker):
+    def init_process(self) -> None:
+        """gunicorn's, but a stop while it boots ends it. Until its own handlers (Worker.init_signals, after
+        gevent's patching), a new worker keeps the arbiter's, which only queue a signal for the arbiter's loop:
+        a SIGTERM then was lost, and the arbiter waited out graceful_timeout (REQUEST_TIMEOUT_S + 5 s) for it."""
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT):
+            signal.signal(sig, signal.SIG_DFL)  # it holds no request yet: dying of the signal loses nothing
+        super().init_process()
+
     def server_class(self, listener, spawn, **kwargs) -> StreamServer:  # noqa: ANN001, ANN003
         """gunicorn's own server (GeventWorker.run calls this when set), but with ACCEPT_AT_ONCE."""
         ssl = {"ssl_context": kwargs["ssl_context"]} if "ssl_context" in kwargs else {}

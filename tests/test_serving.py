@@ -21,7 +21,7 @@ import redis
 import requests
 from werkzeug.test import TestResponse
 
-from scripts.processes import REPO, Stack, free_port, start_python, wait_until
+from scripts.processes import REPO, Stack, free_port, start_python, stop, wait_until
 from serving import wire, zoo
 from tests.conftest import assert_rejected, in_parallel, png, probabilities, upload
 
@@ -111,6 +111,21 @@ def test_error_answers_are_contract_json(r, served, client):
     ]
     for response, status, code in cases:
         assert_rejected(r, served, response, status, code)
+
+
+@pytest.mark.processes
+def test_a_web_server_stopped_while_its_worker_boots_exits_at_once(redis_url, tmp_path):
+    """Not once graceful_timeout has passed (a day here): a booting worker lost the SIGTERM, and the arbiter
+    waited for it."""
+    log = tmp_path / "web.log"
+    env = {"REDIS_URL": redis_url, "PORT": str(free_port()), "WEB_WORKERS": "1", "REQUEST_TIMEOUT_S": "86400"}
+    process = start_python("web_server.py", env, log, inherit_settings=False)
+    try:
+        wait_until(lambda: "Booting worker" in log.read_text(), 60, "a worker booting", process)
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=60) == 0
+    finally:
+        stop(process, timeout_s=10)
 
 
 @pytest.mark.processes
