@@ -1,5 +1,6 @@
 """gunicorn's gevent worker, accepting every pending connection at once instead of one per turn of its loop,
-answering a request it cannot parse in the contract's JSON, and stopping when told to even while it boots.
+closing a connection whose request is not done in time, answering a request it cannot parse in the
+contract's JSON, and stopping when told to even while it boots.
 
 With more than one worker, gunicorn has each accept one connection per turn of the event loop, so
 that the workers share them out. A busy worker's loop turns only once all its ready requests have
@@ -7,6 +8,11 @@ had their go, so under load it accepted about 40 connections a second: clients q
 in the kernel's backlog, where neither the server's latency figures nor its admission could see
 them, and connections past the backlog were dropped. Accepting all that are pending moves that
 wait into the worker, which holds any number of waiting requests for a greenlet each.
+
+gunicorn times out only the wait for a request's headers (keepalive). A client that stalled its body
+(a Content-Length it never sends, a chunk that never comes) or never read its answers held its
+greenlet and connection for good, and enough of them took every connection a worker may hold.
+Every request now ends within its deadline plus STALL_SLACK_S; past that its connection is closed.
 
 A request gunicorn itself refuses (a request line or headers over its limits, a malformed request)
 never reaches the app; gunicorn answers it through util.write_error, with an HTML page by default.
@@ -19,15 +25,36 @@ import signal
 import socket
 from functools import partial
 
+import gevent
 from gevent.server import StreamServer
 from gunicorn import util
 from gunicorn.workers.ggevent import GeventWorker
 
+from settings import Settings
+
 # Connections one worker accepts in one turn of its loop, at about 10 µs each.
 ACCEPT_AT_ONCE = 1024
+# How long past REQUEST_TIMEOUT_S a request may still take before its connection is closed: its own 504
+# comes at the deadline, and a hung Redis can cost two 5 s socket timeouts after it.
+STALL_SLACK_S = 15.0
 
 
 class Worker(GeventWorker):
+    def __init__(self, *args, **kwargs) -> None:  # noqa: ANN002, ANN003 (gunicorn's signature)
+        super().__init__(*args, **kwargs)
+        self.request_limit_s = Settings.from_env().request_timeout_s + STALL_SLACK_S
+
+    def handle_request(self, listener_name, req, sock, addr) -> bool:  # noqa: ANN001
+        """gunicorn's, within request_limit_s: past it, the connection is closed with nothing more sent."""
+        try:
+            with gevent.Timeout(self.request_limit_s) as limit:
+                return super().handle_request(listener_name, req, sock, addr)
+        except gevent.Timeout as exc:
+            if exc is not limit:
+                raise
+            self.log.warning("closed a connection: %s %s not done in %g s", req.method, req.path, self.request_limit_s)
+            raise StopIteration from None  # gunicorn's handle() then closes the connection
+
     def init_process(self) -> None:
         """gunicorn's, but a stop while it boots ends it. Until its own handlers (Worker.init_signals, after
         gevent's patching), a new worker keeps the arbiter's, which only queue a signal for the arbiter's loop:

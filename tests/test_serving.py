@@ -21,7 +21,7 @@ import redis
 import requests
 from werkzeug.test import TestResponse
 
-from scripts.processes import REPO, Stack, free_port, start_python, stop, wait_until
+from scripts.processes import REPO, Stack, free_port, http_ok, start_python, stop, wait_until
 from serving import wire, zoo
 from tests.conftest import assert_rejected, in_parallel, png, probabilities, upload
 
@@ -126,6 +126,17 @@ def test_a_web_server_stopped_while_its_worker_boots_exits_at_once(redis_url, tm
         assert process.wait(timeout=60) == 0
     finally:
         stop(process, timeout_s=10)
+
+
+@pytest.mark.processes
+def test_a_request_whose_body_stalls_has_its_connection_closed_once_past_its_deadline(make_stack):
+    """Not held for good: enough such clients took every connection a web worker may hold."""
+    url = urlparse(make_stack().web_server(REQUEST_TIMEOUT_S="1"))  # closed STALL_SLACK_S (15 s) after it
+    head = "POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; boundary=b\r\n"
+    with socket.create_connection((url.hostname, url.port), timeout=60) as stalled:
+        stalled.sendall(f"{head}Content-Length: 1000\r\n\r\n--b\r\n".encode())  # 996 bytes never come
+        assert stalled.recv(1024) == b""
+    assert http_ok(f"http://{url.netloc}/health")
 
 
 @pytest.mark.processes
