@@ -140,6 +140,23 @@ def test_a_request_whose_body_stalls_has_its_connection_closed_once_past_its_dea
 
 
 @pytest.mark.processes
+def test_a_body_its_client_cut_short_is_counted_as_499_not_as_a_bad_request(make_stack):
+    stack = make_stack()
+    stack.model_server()
+    url = stack.web_server()
+    parts, form = urlparse(url), b'--b\r\nContent-Disposition: form-data; name="image"; filename="x.png"\r\n\r\n\x89PNG'
+    head = "POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; boundary=b\r\n"
+    with socket.create_connection((parts.hostname, parts.port), timeout=10) as cut:
+        cut.sendall(f"{head}Content-Length: 5000\r\n\r\n".encode() + form)  # and gone
+
+    def counted() -> str:
+        return requests.get(f"{url}/metrics", timeout=10).text
+
+    wait_until(lambda: 'route="/predict",status="499"' in counted(), 30, "counted as 499")
+    assert 'route="/predict",status="400"' not in counted()
+
+
+@pytest.mark.processes
 def test_a_model_server_stopped_while_it_loads_its_model_exits_0(redis_url, r, tmp_path):
     env = {"REDIS_URL": redis_url, "LOG_FORMAT": "json", "MODEL": "digits"}
     process = start_python("model_server.py", env, tmp_path / "model.log", inherit_settings=False)
