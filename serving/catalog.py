@@ -133,9 +133,12 @@ class Catalog:
         return any(which(keys) and at > since for keys, at in self._ready_at.copy().items())
 
     def _default_name(self) -> str:
+        """DEFAULT_MODEL, else the only model served: the only one with a live server, or while none has one
+        (they restart), the only one known. A model whose servers all left stays known for MODEL_RETENTION_S
+        (a day), and made every request naming no model a 400 "several models are served" for that long."""
         if self.default_model:
             return self.default_model
-        names = self.names()
+        names = sorted({state.keys.name for state in self.states() if state.ready}) or self.names()
         if not names and self._ready_lately(lambda keys: True):
             raise NoModel(f"no model is in Redis, which seems to have restarted: {_BACK_SOON}")
         if not names:

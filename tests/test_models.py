@@ -89,6 +89,15 @@ def test_several_models_and_no_default_is_a_400_naming_them(two_models, client):
     assert error["code"] == "bad_request" and "colours" in error["message"] and "digits" in error["message"]
 
 
+def test_a_model_whose_servers_left_no_longer_counts_against_the_only_one_served(two_models, client):
+    two_models.servers.stop(two_models.colours)  # it stays in the registry, not ready, for a day
+    wait_until(lambda: not client.get("/models").json["models"][0]["ready"], 10, "colours seen gone")
+
+    response = upload(client, DIGIT)
+
+    assert response.status_code == 200 and response.json["model"] == "digits", response.json
+
+
 def test_default_model_setting_picks_the_model(two_models, make_app):
     client = make_app(default_model="colours").test_client()
     response = upload(client, RED)
