@@ -107,13 +107,13 @@ class Catalog:
             raise NoModel(f"the default model {wanted!r} has no model server yet; try again shortly")
         if not versions:
             served = ", ".join(self.names()) or "none yet"
-            raise self._missing(wanted, version, f"no model named {wanted!r} is served; the models are: {served}")
+            raise self._missing(wanted, version, f"no model named {wanted!r:.80} is served; the models are: {served}")
         if version is not None:
             chosen = [state for state in versions if state.keys.version == version]
             if not chosen:
                 served = ", ".join(str(state.keys.version) for state in versions)
                 raise self._missing(
-                    wanted, version, f"model {wanted!r} has no version {version}; its versions are: {served}"
+                    wanted, version, f"model {wanted!r:.80} has no version {version}; its versions are: {served}"
                 )
             return chosen[0]
         live = [state for state in versions if state.ready]

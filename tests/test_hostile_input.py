@@ -15,6 +15,7 @@ import itertools
 import json
 import pathlib
 import socket
+import zlib
 from collections.abc import Iterator
 
 import numpy as np
@@ -88,6 +89,7 @@ def test_corpus_json_bodies_as_sent(r, served, client):
 # Request shapes: what a confused or hostile client sends instead of the contract's two forms.
 PNG = encode(Image.fromarray(np.tile(np.arange(0, 256, 32, dtype=np.uint8), (8, 1))), "PNG")  # 8x8 stripes
 JSON = {"Content-Type": "application/json"}
+GZ = {**JSON, "Content-Encoding": "gzip"}
 SHAPES = {
     "wrong multipart field name": (dict(files={"file": ("a.png", PNG)}), 400, "missing_image"),
     "image as a text field": (dict(data={"image": base64.b64encode(PNG).decode()}), 400, "missing_image"),
@@ -127,6 +129,20 @@ SHAPES = {
         400,
         "bad_request",
     ),
+    "gzip JSON with junk after it": (
+        dict(data=gzip.compress(json.dumps({"image": base64.b64encode(PNG).decode()}).encode()) + b"junk", headers=GZ),
+        400,
+        "bad_request",
+    ),
+    "deflate JSON with a second stream after it": (
+        dict(
+            data=zlib.compress(json.dumps({"image": base64.b64encode(PNG).decode()}).encode()) + zlib.compress(b"{}"),
+            headers={**JSON, "Content-Encoding": "deflate"},
+        ),
+        400,
+        "bad_request",
+    ),
+    "model as a file part": (dict(files={"image": ("a.png", PNG), "model": ("m.txt", b"digits")}), 400, "bad_request"),
     "invalid JSON": (dict(data=b'{"image": ', headers=JSON), 400, "bad_request"),
     "JSON that is not UTF-8": (dict(data=b'{"image": "\xff\xfe"}', headers=JSON), 400, "bad_request"),
     "JSON array": (dict(json=["image", "iVBORw0KGgo="]), 400, "bad_request"),
@@ -350,6 +366,12 @@ VALID = {
     "gzip JSON": dict(
         data=gzip.compress(json.dumps({"image": base64.b64encode(PNG).decode()}).encode()),
         headers={"Content-Type": "application/json", "Content-Encoding": "gzip"},
+    ),
+    "gzip JSON in two members, as cat a.gz b.gz makes": dict(
+        data=gzip.compress(b'{"image": "') + gzip.compress(base64.b64encode(PNG) + b'"}'), headers=GZ
+    ),
+    "top_k and version with leading zeros": dict(
+        files={"image": ("a.png", PNG)}, data={"top_k": "010", "version": "01"}
     ),
     "application/*+json": dict(
         data=json.dumps({"image": base64.b64encode(PNG).decode()}), headers={"Content-Type": "application/x+json"}

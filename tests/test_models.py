@@ -111,12 +111,20 @@ def test_a_default_model_without_a_server_is_unavailable_not_unknown(served, mak
     assert "colours" in response.json["error"]["message"]
 
 
-@pytest.mark.parametrize("options", [{"model": "resnet"}, {"model": "digits", "version": "7"}])
+UNKNOWN = {
+    "name": {"model": "resnet"},
+    "version": {"model": "digits", "version": "7"},
+    "a long name": {"model": "x" * 100_000},
+}
+
+
+@pytest.mark.parametrize("options", UNKNOWN.values(), ids=UNKNOWN.keys())
 def test_an_unknown_model_or_version_is_a_404(served, client, options):
     response = upload(client, DIGIT, **options)
     assert response.status_code == 404, response.json
     error = response.json["error"]
     assert error["code"] == "unknown_model" and "digits" in error["message"]
+    assert len(error["message"]) < 300  # a name is not echoed whole
     assert served.computed == []
 
 
