@@ -220,8 +220,7 @@ def test_a_host_that_does_not_resolve_fails_every_request(tmp_path):
 
 
 def test_a_json_path_that_fails_at_the_end_is_one_line_of_error(tmp_path):
-    out = tmp_path / "a directory"  # its folder is there and writable: found out only when written
-    out.mkdir()
+    out = tmp_path / ("x" * 300 + ".json")  # its folder is there and writable: the name too long, found when written
     with socket.socket() as unused:
         unused.bind(("127.0.0.1", 0))  # refused: a run that ends at once
         command = [sys.executable, str(STRESS_TEST), "--url", f"http://127.0.0.1:{unused.getsockname()[1]}/predict"]
