@@ -154,6 +154,7 @@ class InferenceClient:
         """The model tier's estimate and the depth `count` images may join; TimedOut if no depth is short enough."""
         remaining = deadline - self.clock.now()
         if remaining <= 0:  # reading and decoding the request used up its deadline
+            metrics.refused(model.keys, "deadline")
             raise TimedOut("the request's deadline passed before its images could be queued")
         if not admission.feasible(model.speeds, count, remaining):  # waiting would not help: no "retry later"
             metrics.refused(model.keys, "deadline")

@@ -49,7 +49,7 @@ _HISTOGRAMS = {
 # The model servers' counters; record_batch takes each by its key.
 COUNTERS = {
     "images": "Images the model servers classified",
-    "expired": "Images skipped because their client had stopped waiting",
+    "expired": "Images skipped because their deadline had passed when taken",
     "late": "Images answered 'late' before compute: their answer could not have arrived before the deadline",
     "finished_late": "Images computed and answered after their deadline all the same",
     "malformed": "Queue messages dropped as malformed",

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import io
 import pathlib
+import re
 import signal
 import subprocess
 import threading
@@ -380,3 +381,10 @@ def colours(colours_file: tuple[pathlib.Path, pathlib.Path]) -> zoo.KerasServabl
 def solid(colour: tuple[int, int, int], size: int = 16) -> np.ndarray:
     """An image of one colour, size x size RGB."""
     return np.tile(np.array(colour, np.uint8), (size, size, 1))
+
+
+def refusals(client: FlaskClient, reason: str) -> float:
+    """What /metrics counts of digits version 1's requests refused for `reason` (wait, deadline, ...)."""
+    text = client.get("/metrics").text
+    found = re.search(rf'^serving_refused_total{{model="digits",reason="{reason}",version="1"}} (\S+)$', text, re.M)
+    return float(found.group(1)) if found else 0.0

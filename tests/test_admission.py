@@ -25,7 +25,7 @@ from serving import admission, queue, registry, wire
 from serving.admission import Estimate, batch_time
 from serving.catalog import REFRESH_S
 from serving.inference import Refused
-from tests.conftest import upload
+from tests.conftest import refusals, upload
 
 DIGIT = (pathlib.Path(__file__).resolve().parent.parent / "samples" / "digit_3.png").read_bytes()
 INFO = wire.ModelInfo("digits", 1, 8, 8, 1, tuple("0123456789"))
@@ -44,12 +44,6 @@ def announce(r, speed: wire.Speed | None = None, server_id: str = "measured") ->
 def fill(r, n: int) -> None:
     jobs = [wire.Job(f"queued-{i}", "nobody", np.zeros((8, 8, 1), np.uint8), 1e12, 3) for i in range(n)]
     assert queue.submit(r, KEYS, jobs, limit=10**6)[0] is queue.Submitted.QUEUED
-
-
-def refusals(client, reason: str) -> float:
-    text = client.get("/metrics").text
-    found = re.search(rf'^serving_refused_total{{model="digits",reason="{reason}",version="1"}} (\S+)$', text, re.M)
-    return float(found.group(1)) if found else 0.0
 
 
 # --- the estimate -----------------------------------------------------------------------------------------

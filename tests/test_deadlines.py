@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import io
+import itertools
 import pathlib
 import time
 from collections.abc import Callable, Iterator
@@ -21,7 +22,7 @@ from serving import registry, wire
 from serving.app import create_app
 from serving.clock import RedisClock
 from serving.webtier import ARRIVED
-from tests.conftest import upload
+from tests.conftest import refusals, upload
 
 DIGIT = (pathlib.Path(__file__).resolve().parent.parent / "samples" / "digit_3.png").read_bytes()
 INFO = wire.ModelInfo("digits", 1, 8, 8, 1, tuple("0123456789"))
@@ -164,6 +165,21 @@ def test_a_bad_timeout_is_a_400_and_queues_nothing(r, make_app, where, value):
     error = response.json["error"]
     assert error["code"] == "bad_request"
     assert ("timeout_ms" if where != "header" else "X-Request-Timeout-Ms") in error["message"]
+    assert r.llen(KEYS.queue) == 0
+
+
+def test_a_deadline_spent_before_the_images_are_queued_is_a_504_counted_as_refused(r, settings):
+    announce(r)
+    ticks = itertools.count(step=1.0)  # a host clock that moves a second each time it is read
+    app = create_app(settings, clock=RedisClock(r, local=lambda: next(ticks)))
+    before = refusals(app.test_client(), "deadline")
+
+    response = post(app.test_client(), timeout_ms="500")
+    app.extensions["serving"].inference.inbox.close()
+
+    assert response.status_code == 504, response.json
+    assert "deadline passed before its images could be queued" in response.json["error"]["message"]
+    assert refusals(app.test_client(), "deadline") == before + 1
     assert r.llen(KEYS.queue) == 0
 
 
