@@ -206,11 +206,14 @@ class ModelServer:
             if ran_dry:
                 break
             wait_s = intake.window(window_s, self.clock.now()) if batch.jobs else 0.0
+            wait_started = time.perf_counter()
             raw = self.queue.take_more(slot, asked, wait_s, until=self.stopping)
+            if wait_s:  # waiting for company is no work: at light load it would read as a slow server
+                waited += time.perf_counter() - wait_started
             if batch.jobs:  # the window opens once, when the batch's size is known
                 window_s = 0.0
         batch.ran_dry = intake.wanted() > 0
-        # Waiting for the batch ahead is no time of this batch's: the published speed is made of these.
+        # Waiting, for the batch ahead or in the window, is no time of this batch's: the speed is made of these.
         batch.take_seconds = time.perf_counter() - started - batch.decode_seconds - waited
         if batch.rejections or intake.rejected:  # answered now, not after the predict ahead of this batch
             self.queue.answer(slot, batch.rejections, self.settings.result_ttl_s, taken=intake.rejected)

@@ -347,6 +347,20 @@ def test_a_batchs_measured_time_counts_neither_the_wait_for_a_job_nor_the_jobs_d
     assert server.meter.extra_seconds < 0.05 * flush_s  # the published speed stays the server's own
 
 
+def test_the_batching_window_is_not_published_as_the_servers_own_time(r, model_servers):
+    """Else a BATCH_WAIT_MS window that closed with no company read as a slow server, and admission refused
+    short deadlines as if even an idle tier could not meet them."""
+    servable = timed()
+    server = model_servers.start(servable, batch_size=4, batch_wait_ms=1000)
+    submit(r, servable, 1, prefix="alone")  # nothing else comes: the window runs its whole second
+
+    wait_answered(r, servable, 1)
+    model_servers.stop(server)  # its meter is updated once it has stopped
+
+    (alone,) = model_servers.batches
+    assert alone.take_seconds < 0.5 and server.meter.extra_seconds < 0.5
+
+
 # What cannot be computed: answered when it can be, dropped when not, counted either way.
 
 
