@@ -15,8 +15,6 @@ import redis
 from flask import Flask, Response, g, jsonify, request
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
-from serving.webtier import client_gone
-
 log = logging.getLogger("web")
 
 
@@ -47,9 +45,6 @@ def register(app: Flask, max_upload_mb: float, shapes: Mapping[str, Shape] | Non
     `shapes` for a path under one of its prefixes, else in the contract's."""
 
     def error_response(status: int, code: str, message: str, headers: dict | None = None) -> Response:
-        if status == 400 and client_gone(request.environ):
-            # A body its client cut short reads as a bad one: logged and counted as what it was, as nginx does.
-            status, code, message = 499, "client_closed", "the connection was closed before the request was read"
         path = request.path
         under = (shape for prefix, shape in (shapes or {}).items() if path == prefix or path.startswith(f"{prefix}/"))
         response = jsonify(next(under, contract_shape)(code, message))

@@ -41,30 +41,45 @@ class Upload:
 
 
 class ClientBody:
-    """A request's body as the WSGI server reads it (wsgi.input), whose read errors are the client's: a 400.
+    """A request's body as the WSGI server reads it (wsgi.input), whose read errors are the client's.
 
     The server raises as it reads what the client got wrong: gunicorn a malformed chunk or trailer
     (InvalidChunkSize, ChunkMissingTerminator, InvalidHeader: none of them an OSError, which Werkzeug
-    would take for a disconnect) or a body cut off (NoMoreData). Each of those was a 500.
+    would take for a disconnect) or a chunked body cut off (NoMoreData). Each of those was a 500; now a
+    400. A body that ends before its Content-Length is a client that closed its connection mid-upload:
+    gunicorn hands it over as if complete, and it read as a malformed one (a 400). It is a 499.
     """
 
-    def __init__(self, stream: IO[bytes]) -> None:
+    def __init__(self, stream: IO[bytes], length: int | None) -> None:
         self._stream = stream
+        self._left = length  # what Content-Length promises and has not been read yet; None if chunked
 
-    def read(self, *size: int) -> bytes:
-        return self._read(self._stream.read, *size)
+    def read(self, *size: int | None) -> bytes:
+        data = self._read(self._stream.read, *size)
+        to_the_end = not size or size[0] is None or size[0] < 0
+        return self._counted(data, ended=not data or to_the_end)
 
-    def readline(self, *size: int) -> bytes:
-        return self._read(self._stream.readline, *size)
+    def readline(self, *size: int | None) -> bytes:
+        data = self._read(self._stream.readline, *size)
+        return self._counted(data, ended=not data)
 
     def readlines(self, *hint: int) -> list[bytes]:
-        return self._read(self._stream.readlines, *hint)
+        return [self._counted(line, ended=False) for line in self._read(self._stream.readlines, *hint)]
 
     def __iter__(self) -> Iterator[bytes]:  # all four that PEP 3333 asks of wsgi.input
         return iter(self.readline, b"")
 
+    def _counted(self, data: bytes, ended: bool) -> bytes:
+        """`data`, after a 499 if `ended` (the server had no more to give) came before Content-Length did."""
+        if self._left is not None:
+            self._left -= len(data)
+            if ended and self._left > 0:
+                message = "the connection was closed before the whole body came; nothing was computed"
+                raise ApiError(499, "client_closed", message)
+        return data
+
     @staticmethod
-    def _read(read: Callable[..., T], *size: int) -> T:
+    def _read(read: Callable[..., T], *size: int | None) -> T:
         try:
             return read(*size)
         except Exception as exc:
@@ -75,7 +90,8 @@ def client_bodies(app: Callable) -> Callable:
     """WSGI middleware: every request's body read through ClientBody."""
 
     def with_client_body(environ: dict, start_response: Callable) -> Iterable[bytes]:
-        environ["wsgi.input"] = ClientBody(environ["wsgi.input"])
+        length = environ.get("CONTENT_LENGTH", "")
+        environ["wsgi.input"] = ClientBody(environ["wsgi.input"], int(length) if length.isdigit() else None)
         return app(environ, start_response)
 
     return with_client_body

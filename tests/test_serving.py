@@ -154,6 +154,10 @@ def test_a_body_its_client_cut_short_is_counted_as_499_not_as_a_bad_request(make
 
     wait_until(lambda: 'route="/predict",status="499"' in counted(), 30, "counted as 499")
     assert 'route="/predict",status="400"' not in counted()
+    with socket.create_connection((parts.hostname, parts.port), timeout=10) as whole:  # all sent, then half-closed
+        whole.sendall(f"{head}Content-Length: {len(form)}\r\n\r\n".encode() + form)
+        whole.shutdown(socket.SHUT_WR)
+        assert whole.recv(100).startswith(b"HTTP/1.1 400 ")  # its own answer: the body came whole
 
 
 @pytest.mark.processes
