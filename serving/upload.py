@@ -30,6 +30,9 @@ MAX_TIMEOUT_MS = 999_999_999  # the longest a request may ask for (REQUEST_TIMEO
 TIMEOUT_HEADER = "X-Request-Timeout-Ms"
 # Compressed bodies a client may send (tritonclient's request_compression_algorithm): zlib's window bits for each.
 _CONTENT_ENCODINGS = {"gzip": 16 + zlib.MAX_WBITS, "x-gzip": 16 + zlib.MAX_WBITS, "deflate": zlib.MAX_WBITS}
+# The most gzip members a body may hold: each costs a copy of the rest of the body, so a body of thousands of
+# empty members kept a web worker busy for seconds (a few files joined with `cat` are a handful).
+MAX_GZIP_MEMBERS = 16
 T = TypeVar("T")
 
 
@@ -163,12 +166,12 @@ def _content_encoding(request: Request) -> str:
 
 
 def _decompressed(data: bytes, encoding: str, limit: int | None) -> bytes:
-    """The body unpacked: every gzip member (RFC 1952 allows several, as `cat a.gz b.gz` makes), or one
-    deflate stream; nothing may follow."""
+    """The body unpacked: its gzip members (RFC 1952 allows several, as `cat a.gz b.gz` makes; up to
+    MAX_GZIP_MEMBERS), or one deflate stream; nothing may follow."""
     if encoding not in _CONTENT_ENCODINGS:
         raise ApiError(400, "bad_request", f"Content-Encoding {encoding!r:.40} is not taken: send gzip, deflate, none")
     plain, rest = b"", data
-    while True:
+    for _ in range(1 if encoding == "deflate" else MAX_GZIP_MEMBERS):
         decompressor = zlib.decompressobj(_CONTENT_ENCODINGS[encoding])
         try:  # at most one byte past the limit, so that no zip bomb fills the memory
             plain += decompressor.decompress(rest, 0 if limit is None else limit + 1 - len(plain))
@@ -182,8 +185,8 @@ def _decompressed(data: bytes, encoding: str, limit: int | None) -> bytes:
         rest = decompressor.unused_data
         if not rest:
             return plain
-        if encoding == "deflate":
-            raise ApiError(400, "bad_request", "the body has more after the end of its deflate data")
+    most = "one deflate stream" if encoding == "deflate" else f"{MAX_GZIP_MEMBERS} gzip members"
+    raise ApiError(400, "bad_request", f"the body holds more than {most}")
 
 
 def _from_json(request: Request) -> Upload:

@@ -90,6 +90,7 @@ def test_corpus_json_bodies_as_sent(r, served, client):
 PNG = encode(Image.fromarray(np.tile(np.arange(0, 256, 32, dtype=np.uint8), (8, 1))), "PNG")  # 8x8 stripes
 JSON = {"Content-Type": "application/json"}
 GZ = {**JSON, "Content-Encoding": "gzip"}
+EMPTY_GZ = gzip.compress(b"")  # a member of its own: 20 bytes
 SHAPES = {
     "wrong multipart field name": (dict(files={"file": ("a.png", PNG)}), 400, "missing_image"),
     "image as a text field": (dict(data={"image": base64.b64encode(PNG).decode()}), 400, "missing_image"),
@@ -138,6 +139,14 @@ SHAPES = {
         dict(
             data=zlib.compress(json.dumps({"image": base64.b64encode(PNG).decode()}).encode()) + zlib.compress(b"{}"),
             headers={**JSON, "Content-Encoding": "deflate"},
+        ),
+        400,
+        "bad_request",
+    ),
+    "gzip JSON and thousands of empty members": (
+        dict(
+            data=gzip.compress(json.dumps({"image": base64.b64encode(PNG).decode()}).encode()) + EMPTY_GZ * 10_000,
+            headers=GZ,
         ),
         400,
         "bad_request",
