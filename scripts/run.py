@@ -6,13 +6,16 @@ model server, Redis. If one of them dies, the rest are stopped too.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import pathlib
 import signal
 import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Iterable
 from urllib.parse import unquote, urlparse
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
@@ -115,9 +118,19 @@ def main() -> int:
     except KeyboardInterrupt:
         return 0
     finally:
-        # The web tier first (it drains through the model server), then the model server, Redis last.
+        # The web tier first (it drains through the model server), then the model server, Redis last. Another
+        # Ctrl-C (or signal) meanwhile kills what still runs, rather than leave it behind with a traceback.
+        for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+            signal.signal(signum, lambda *_: kill_all(children.values()))
         for child in reversed(children.values()):
             processes.stop(child)
+
+
+def kill_all(children: Iterable[subprocess.Popen]) -> None:
+    """SIGKILL to each child's process group (its own): gunicorn's workers die with their arbiter."""
+    for child in children:
+        with contextlib.suppress(ProcessLookupError):  # that group is gone already
+            os.killpg(child.pid, signal.SIGKILL)
 
 
 if __name__ == "__main__":

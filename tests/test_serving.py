@@ -11,6 +11,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Callable, Iterator
 from typing import NamedTuple
 from urllib.parse import urlparse
@@ -227,11 +228,13 @@ def make_run(tmp_path: pathlib.Path) -> Iterator[Callable[[str], Run]]:
 
 
 def session(sid: int) -> list[int]:
-    """The processes still in session `sid`."""
+    """The processes still running in session `sid` (a zombie has ended, killed with a parent that cannot
+    reap it: this machine's init may take its time)."""
     members = []
     for entry in pathlib.Path("/proc").iterdir():
         with contextlib.suppress(ValueError, OSError):  # not a process, or one that ended meanwhile
-            if os.getsid(int(entry.name)) == sid:
+            running = (entry / "stat").read_text().rpartition(")")[2].split()[0] != "Z"
+            if os.getsid(int(entry.name)) == sid and running:
                 members.append(int(entry.name))
     return members
 
@@ -273,6 +276,20 @@ def test_make_run_starts_redis_on_the_ipv6_loopback_it_is_asked_for(make_run):
         pytest.skip("this machine has no IPv6 loopback")
     url = f"redis://[::1]:{free_port()}/0"
     serves_then_stops(make_run(url), url)
+
+
+@pytest.mark.processes
+def test_make_run_stopped_by_a_second_ctrl_c_leaves_nothing_behind(make_run):
+    run = make_run(f"redis://127.0.0.1:{free_port()}/0")
+    wait_until(lambda: "Ctrl-C stops" in run.log.read_text(), 60, "make run", run.process)
+
+    os.killpg(run.process.pid, signal.SIGINT)
+    time.sleep(0.2)  # it stops the web tier, which takes a moment
+    with contextlib.suppress(ProcessLookupError):  # it was done already
+        os.killpg(run.process.pid, signal.SIGINT)
+
+    assert run.process.wait(timeout=90) == 0
+    assert session(run.process.pid) == [] and "Traceback" not in run.log.read_text()
 
 
 @pytest.mark.processes
