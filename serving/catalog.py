@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 import redis
 
@@ -86,7 +86,7 @@ class Catalog:
         return self._read_at is None or time.monotonic() - self._read_at > max_age_s
 
     def names(self) -> list[str]:
-        return sorted({state.keys.name for state in self.states()})
+        return _names(self.states())
 
     def resolve(self, name: str | None, version: int | None) -> ModelState:
         """The model version a request goes to: the named version, or the highest with a live server.
@@ -133,12 +133,14 @@ class Catalog:
         return any(which(keys) and at > since for keys, at in self._ready_at.copy().items())
 
     def _default_name(self) -> str:
-        """DEFAULT_MODEL, else the only model served: the only one with a live server, or while none has one
-        (they restart), the only one known. A model whose servers all left stays known for MODEL_RETENTION_S
-        (a day), and made every request naming no model a 400 "several models are served" for that long."""
+        """DEFAULT_MODEL, else the only model served: the only one with a live server; while none has one, the
+        only one alive within NO_SERVER_GRACE_S (its servers restart); else the only one known. A model whose
+        servers all left stays known for MODEL_RETENTION_S (a day): counted, it made every request naming no
+        model a 400 "several models are served" for that long."""
         if self.default_model:
             return self.default_model
-        names = sorted({state.keys.name for state in self.states() if state.ready}) or self.names()
+        states = self.states()
+        names = _names(s for s in states if s.ready) or _names(s for s in states if s.alive) or _names(states)
         if not names and self._ready_lately(lambda keys: True):
             raise NoModel(f"no model is in Redis, which seems to have restarted: {_BACK_SOON}")
         if not names:
@@ -146,3 +148,7 @@ class Catalog:
         if len(names) > 1:
             raise NoModelNamed(f"several models are served: name one of {', '.join(names)} as 'model'")
         return names[0]
+
+
+def _names(states: Iterable[ModelState]) -> list[str]:
+    return sorted({state.keys.name for state in states})

@@ -98,6 +98,16 @@ def test_a_model_whose_servers_left_no_longer_counts_against_the_only_one_served
     assert response.status_code == 200 and response.json["model"] == "digits", response.json
 
 
+def test_while_the_only_live_model_restarts_a_model_that_left_before_does_not_count(two_models, make_app, r):
+    catalog = make_app().extensions["serving"].catalog
+    two_models.servers.stop(two_models.colours)
+    r.delete(wire.ModelKeys("colours", 1).alive)  # its NO_SERVER_GRACE_S is over
+    two_models.servers.stop(two_models.digits)
+    with registry.starting(r, wire.ModelKeys("digits", 1), every_s=1.0, grace_s=60.0):  # digits restarts
+        catalog.forget()
+        assert catalog.resolve(None, None).keys.name == "digits"
+
+
 def test_default_model_setting_picks_the_model(two_models, make_app):
     client = make_app(default_model="colours").test_client()
     response = upload(client, RED)
