@@ -81,11 +81,13 @@ class Intake:
         return self.limit - len(self.batch.jobs) if self.limit else 1
 
     def window(self, wait_s: float, now: float) -> float:
-        """How long the batch may wait for more jobs: wait_s (BATCH_WAIT_MS), but no longer than still answers
-        its most urgent job within the share of its remaining time that admission counts on (HEADROOM)."""
+        """How much longer, at `now`, the batch may wait for more jobs: wait_s (BATCH_WAIT_MS) from its start,
+        but no longer than answers its most urgent job within the share of the time it had left then that
+        admission counts on (HEADROOM). A job that joins with an earlier deadline closes it sooner."""
         earliest = min(job.deadline for job in self.batch.jobs)
         finish = self.meter.predict_seconds(self.limit) + self.meter.extra_seconds
-        return max(0.0, min(wait_s, HEADROOM * (earliest - now) - finish))
+        closes = self.now + min(wait_s, HEADROOM * (earliest - self.now) - finish)
+        return max(0.0, closes - now)
 
     def admit(self, message: bytes) -> None:
         position, self.taken = self.taken, self.taken + 1

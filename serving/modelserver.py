@@ -39,6 +39,9 @@ POLL_S = 0.1
 # predict has left, within these bounds: a look is a round trip to Redis, and jobs decoded as they come
 # are not all decoded at the end, when predict waits for them.
 FILL_STEP_S = (0.002, 0.02)
+# The BATCH_WAIT_MS window is waited out in steps of at most this: a job that comes meanwhile with an earlier
+# deadline closes it sooner (serving.batch.Intake.window).
+WINDOW_STEP_S = 0.05
 
 
 class ModelServer:
@@ -203,15 +206,13 @@ class ModelServer:
                 waited += time.perf_counter() - wait_started
                 raw = self.queue.take_more(slot, asked, 0.0)
                 continue
-            if ran_dry:
-                break
             wait_s = intake.window(window_s, self.clock.now()) if batch.jobs else 0.0
+            if ran_dry and not wait_s:
+                break
             wait_started = time.perf_counter()
-            raw = self.queue.take_more(slot, asked, wait_s, until=self.stopping)
+            raw = self.queue.take_more(slot, asked, min(wait_s, WINDOW_STEP_S), until=self.stopping)
             if wait_s:  # waiting for company is no work: at light load it would read as a slow server
                 waited += time.perf_counter() - wait_started
-            if batch.jobs:  # the window opens once, when the batch's size is known
-                window_s = 0.0
         batch.ran_dry = intake.wanted() > 0
         # Waiting, for the batch ahead or in the window, is no time of this batch's: the speed is made of these.
         batch.take_seconds = time.perf_counter() - started - batch.decode_seconds - waited

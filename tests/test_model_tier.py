@@ -347,6 +347,20 @@ def test_a_batchs_measured_time_counts_neither_the_wait_for_a_job_nor_the_jobs_d
     assert server.meter.extra_seconds < 0.05 * flush_s  # the published speed stays the server's own
 
 
+def test_a_job_that_comes_during_the_batching_window_with_an_earlier_deadline_ends_it_sooner(r, model_servers):
+    servable = timed()
+    server = model_servers.start(servable, batch_size=4, batch_wait_ms=10_000)
+    patient = submit(r, servable, 1, prefix="patient")  # a far deadline: it opens a window of 10 s
+    wait_until(lambda: sum(held(r, server)) == 1, 30, "the window open")
+    urgent = submit(r, servable, 1, deadline_s=2.0, prefix="urgent")
+
+    results = {a.request_id: a.error_code for a in wait_answered(r, servable, 2)}
+    model_servers.stop(server)  # its counts are complete once it has stopped
+
+    assert results == {patient[0]: "", urgent[0]: ""}
+    assert model_servers.counted("finished_late") == model_servers.counted("expired") == 0
+
+
 def test_the_batching_window_is_not_published_as_the_servers_own_time(r, model_servers):
     """Else a BATCH_WAIT_MS window that closed with no company read as a slow server, and admission refused
     short deadlines as if even an idle tier could not meet them."""
