@@ -20,18 +20,22 @@ never reaches the app; gunicorn answers it through util.write_error, with an HTM
 
 from __future__ import annotations
 
+import contextlib
 import json
 import signal
 import socket
 from functools import partial
 
 import gevent
+from gevent import monkey
 from gevent.server import StreamServer
 from gunicorn import util
 from gunicorn.workers.ggevent import GeventWorker
 
 from settings import Settings
 
+# The standard library's socket, where gevent has patched the module: one to act on a gevent socket's file.
+_PlainSocket = monkey.get_original("socket", "socket")
 # Connections one worker accepts in one turn of its loop, at about 10 µs each.
 ACCEPT_AT_ONCE = 1024
 # How long past REQUEST_TIMEOUT_S a request may still take before its connection is closed: its own 504
@@ -43,9 +47,18 @@ class Worker(GeventWorker):
     def __init__(self, *args, **kwargs) -> None:  # noqa: ANN002, ANN003 (gunicorn's signature)
         super().__init__(*args, **kwargs)
         self.request_limit_s = Settings.from_env().request_timeout_s + STALL_SLACK_S
+        self.idle: set[socket.socket] = set()  # connections open between requests (keep-alive)
+
+    def handle(self, listener, client, addr) -> None:  # noqa: ANN001
+        self.idle.add(client)
+        try:
+            super().handle(listener, client, addr)
+        finally:
+            self.idle.discard(client)
 
     def handle_request(self, listener_name, req, sock, addr) -> bool:  # noqa: ANN001
         """gunicorn's, within request_limit_s: past it, the connection is closed with nothing more sent."""
+        self.idle.discard(sock)
         try:
             with gevent.Timeout(self.request_limit_s) as limit:
                 return super().handle_request(listener_name, req, sock, addr)
@@ -54,6 +67,16 @@ class Worker(GeventWorker):
                 raise
             self.log.warning("closed a connection: %s %s not done in %g s", req.method, req.path, self.request_limit_s)
             raise StopIteration from None  # gunicorn's handle() then closes the connection
+        finally:
+            self.idle.add(sock)  # handle() forgets it once the connection closes
+
+    def handle_exit(self, sig, frame) -> None:  # noqa: ANN001
+        """gunicorn's, and the connections that wait for a next request are closed: a stopping worker waits for
+        every connection it holds, and one idle between requests (a load balancer's, kept alive) kept it 30 s
+        (keepalive) after its last request was answered. Requests in flight still finish."""
+        super().handle_exit(sig, frame)
+        for client in list(self.idle):
+            _shut(client)
 
     def init_process(self) -> None:
         """gunicorn's, but a stop while it boots ends it. Until its own handlers (Worker.init_signals, after
@@ -69,6 +92,17 @@ class Worker(GeventWorker):
         server = StreamServer(listener, handle=partial(self.handle, listener), spawn=spawn, **ssl)
         server.max_accept = ACCEPT_AT_ONCE
         return server
+
+
+def _shut(client: socket.socket) -> None:
+    """The kernel's shutdown of a connection, not gevent's: that one fails the read waiting on it with EBADF (a
+    traceback in the log), where this one ends it as if the client had closed."""
+    with contextlib.suppress(OSError, ValueError):  # closed meanwhile
+        plain = _PlainSocket(fileno=client.fileno())
+        try:
+            plain.shutdown(socket.SHUT_RDWR)
+        finally:
+            plain.detach()  # the file stays gunicorn's to close
 
 
 def json_error(sock: socket.socket, status_int: int, reason: str, mesg: str) -> None:

@@ -130,6 +130,26 @@ def test_a_web_server_stopped_while_its_worker_boots_exits_at_once(redis_url, tm
 
 
 @pytest.mark.processes
+def test_a_web_server_stopping_closes_the_connections_kept_alive_between_requests(redis_url, tmp_path):
+    """They kept a stopping worker for gunicorn's keepalive (30 s) after their last answer."""
+    port = free_port()
+    env = {"REDIS_URL": redis_url, "PORT": str(port), "WEB_WORKERS": "1"}
+    process = start_python("web_server.py", env, tmp_path / "web.log", inherit_settings=False)
+    try:
+        wait_until(lambda: http_ok(f"http://127.0.0.1:{port}/health"), 60, "the web server", process)
+        with socket.create_connection(("127.0.0.1", port), timeout=20) as kept:  # 20 s: less than keepalive
+            kept.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+            wait_until(lambda: b'"ok"' in kept.recv(4096, socket.MSG_PEEK), 10, "the answer")
+            kept.recv(4096)
+            process.send_signal(signal.SIGTERM)
+            assert kept.recv(4096) == b""  # closed by the server, not left to time out
+        assert process.wait(timeout=20) == 0
+        assert "Traceback" not in (tmp_path / "web.log").read_text()
+    finally:
+        stop(process, timeout_s=10)
+
+
+@pytest.mark.processes
 def test_a_request_whose_body_stalls_has_its_connection_closed_once_past_its_deadline(make_stack):
     """Not held for good: enough such clients took every connection a web worker may hold."""
     url = urlparse(make_stack().web_server(REQUEST_TIMEOUT_S="1"))  # closed STALL_SLACK_S (15 s) after it
