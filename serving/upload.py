@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import IO, TypeVar
 
 from flask import Request
+from gunicorn.http.errors import NoMoreData
 from werkzeug.datastructures import MultiDict
 from werkzeug.exceptions import BadRequest, RequestEntityTooLarge
 from werkzeug.wsgi import LimitedStream
@@ -34,6 +35,7 @@ _CONTENT_ENCODINGS = {"gzip": 16 + zlib.MAX_WBITS, "x-gzip": 16 + zlib.MAX_WBITS
 # empty members kept a web worker busy for seconds (a few files joined with `cat` are a handful).
 MAX_GZIP_MEMBERS = 16
 T = TypeVar("T")
+_CLOSED = "the connection was closed before the whole body came; nothing was computed"
 
 
 @dataclass(frozen=True)
@@ -48,9 +50,9 @@ class ClientBody:
 
     The server raises as it reads what the client got wrong: gunicorn a malformed chunk or trailer
     (InvalidChunkSize, ChunkMissingTerminator, InvalidHeader: none of them an OSError, which Werkzeug
-    would take for a disconnect) or a chunked body cut off (NoMoreData). Each of those was a 500; now a
-    400. A body that ends before its Content-Length is a client that closed its connection mid-upload:
-    gunicorn hands it over as if complete, and it read as a malformed one (a 400). It is a 499.
+    would take for a disconnect). Each of those was a 500; now a 400. A body that ends before its
+    Content-Length, or inside a chunk (NoMoreData), is a client that closed its connection mid-upload:
+    gunicorn hands the first over as if complete, and it read as a malformed one (a 400). Both are a 499.
     """
 
     def __init__(self, stream: IO[bytes], length: int | None) -> None:
@@ -77,14 +79,15 @@ class ClientBody:
         if self._left is not None:
             self._left -= len(data)
             if ended and self._left > 0:
-                message = "the connection was closed before the whole body came; nothing was computed"
-                raise ApiError(499, "client_closed", message)
+                raise ApiError(499, "client_closed", _CLOSED)
         return data
 
     @staticmethod
     def _read(read: Callable[..., T], *size: int | None) -> T:
         try:
             return read(*size)
+        except NoMoreData:  # a chunked body whose connection ended inside it
+            raise ApiError(499, "client_closed", _CLOSED) from None
         except Exception as exc:
             raise BadRequest(f"the request's body could not be read ({type(exc).__name__}); send it again") from None
 

@@ -170,10 +170,13 @@ def test_a_body_its_client_cut_short_is_counted_as_499_not_as_a_bad_request(make
     with socket.create_connection((parts.hostname, parts.port), timeout=10) as cut:
         cut.sendall(f"{head}Content-Length: 5000\r\n\r\n".encode() + form)  # and gone
 
+    with socket.create_connection((parts.hostname, parts.port), timeout=10) as cut:  # chunked, cut in a chunk
+        cut.sendall(f"{head}Transfer-Encoding: chunked\r\n\r\n1000\r\n".encode() + form)
+
     def counted() -> str:
         return requests.get(f"{url}/metrics", timeout=10).text
 
-    wait_until(lambda: 'route="/predict",status="499"' in counted(), 30, "counted as 499")
+    wait_until(lambda: 'route="/predict",status="499"} 2.0' in counted(), 30, "both counted as 499")
     assert 'route="/predict",status="400"' not in counted()
     with socket.create_connection((parts.hostname, parts.port), timeout=10) as whole:  # all sent, then half-closed
         whole.sendall(f"{head}Content-Length: {len(form)}\r\n\r\n".encode() + form)
