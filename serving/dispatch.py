@@ -108,8 +108,7 @@ def _no_answer(model: ModelState, timeout_s: float) -> str:
         busy = True
     if busy:
         return f"no answer within {timeout_s:g} s; the server is busy, try again later"
-    named = f"{model.keys.name} version {model.keys.version}"
-    return f"no answer within {timeout_s:g} s: no model server of {named} is serving now; try again later"
+    return f"no answer within {timeout_s:g} s: no model server of {model.keys.named} is serving now; try again later"
 
 
 def admit_early(model: ModelState, count: int, deadline: float, timeout_s: float) -> None:

@@ -182,8 +182,7 @@ class InferenceClient:
             raise self._refusal(model, estimate, limit, depth, len(jobs))
         if status is queue.Submitted.NO_SERVER:
             metrics.refused(model.keys, "no_server")
-            named = f"{model.keys.name} version {model.keys.version}"
-            message = f"no model server of {named} has announced itself lately; try again later"
+            message = f"no model server of {model.keys.named} has announced itself lately; try again later"
             raise Refused("unavailable", message)
 
     def _refusal(self, model: ModelState, estimate: Estimate, limit: Limit, queued: int, count: int) -> Refused:

@@ -74,7 +74,7 @@ def model_metadata(name: str, version: str | None = None) -> Response:
 def model_ready(name: str, version: str | None = None) -> Response:
     model = _resolve(name, version)
     if not model.ready:
-        message = f"{model.keys.name} version {model.keys.version} has no live model server"
+        message = f"{model.keys.named} has no live model server"
         raise ApiError(503, "unavailable", message, {"Retry-After": "1"})
     return jsonify(name=model.keys.name, ready=True)
 

@@ -39,6 +39,11 @@ class ModelKeys:
         """How MODELS names this version."""
         return f"{self.name}:{self.version}"
 
+    @property
+    def named(self) -> str:
+        """How messages to people name this version: "digits version 2"."""
+        return f"{self.name} version {self.version}"
+
     @classmethod
     def from_member(cls, member: str | bytes) -> ModelKeys:
         text = member.decode() if isinstance(member, bytes) else member
