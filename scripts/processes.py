@@ -78,12 +78,16 @@ def start_redis(
     url: str | None = None,
     *,
     own_group: bool = False,
+    cluster_dir: pathlib.Path | None = None,
 ) -> subprocess.Popen:
     """A throwaway redis-server that keeps nothing on disk; `hz` is how often it checks blocking timeouts.
 
     Ready once a client gets in at `url` (by default the address it binds), the URL its clients will use.
     If it does not get ready, it is stopped before the error is raised: a failed start leaves nothing running.
     own_group: in a process group of its own, out of reach of a terminal's Ctrl-C (see start_python).
+    cluster_dir: run in cluster mode (its node file there) as the one node, owning every hash slot. It then
+    serves as a plain Redis does, except that it refuses a command, MULTI or script whose keys span slots,
+    as a Redis Cluster of several nodes would.
     """
     server = shutil.which("redis-server")
     if server is None:
@@ -94,14 +98,30 @@ def start_redis(
     args = [server, "--port", str(port), "--bind", bind, "--save", "", "--appendonly", "no", "--hz", str(hz)]
     if password:
         args += ["--requirepass", password]
+    if cluster_dir is not None:
+        node_file = str(cluster_dir / "nodes.conf")
+        args += ["--cluster-enabled", "yes", "--cluster-config-file", node_file, "--cluster-port", str(free_port())]
     process = subprocess.Popen(args, stdout=subprocess.DEVNULL, process_group=0 if own_group else None)
     ready_url = url or redis_url(port, password, bind)
     try:
         wait_until(lambda: redis_answers(ready_url), 10, "redis-server", process)
+        if cluster_dir is not None:
+            _own_every_slot(ready_url, process)
     except BaseException:
         stop(process, timeout_s=10)
         raise
     return process
+
+
+def _own_every_slot(url: str, process: subprocess.Popen) -> None:
+    with redis.Redis.from_url(url) as client:
+        client.execute_command("CLUSTER", "ADDSLOTSRANGE", 0, 16383)
+        wait_until(
+            lambda: b"cluster_state:ok" in client.execute_command("CLUSTER", "INFO"),
+            10,
+            "redis-server owning every cluster slot",
+            process,
+        )
 
 
 def environ_without_settings() -> dict[str, str]:

@@ -49,10 +49,14 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 
 
 @pytest.fixture(scope="session")
-def redis_url() -> Iterator[str]:
-    """One redis-server for the session; the `r` fixture flushes it before each test that uses it."""
+def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """One redis-server for the session; the `r` fixture flushes it before each test that uses it.
+
+    It runs in cluster mode, one node owning every slot: a Lua script, MULTI or command whose keys are not
+    all of one slot fails the test that ran it, so the layout stays one that Redis Cluster can serve.
+    """
     port = free_port()
-    process = start_redis(port, hz=100)
+    process = start_redis(port, hz=100, cluster_dir=tmp_path_factory.mktemp("redis-cluster"))
     try:
         yield f"redis://127.0.0.1:{port}/0"
     finally:

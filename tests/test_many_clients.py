@@ -100,7 +100,8 @@ def push_answers(r: redis.Redis, answers: list[tuple[wire.ModelKeys, str, wire.R
 @pytest.mark.parametrize("count", [10, 5000])
 def test_every_waiting_request_gets_its_own_answer_over_one_connection_per_model(r, inbox, count):
     ttl_s = Settings().result_ttl_s
-    r.mset({keys.alive: 1 for keys in MODELS})  # their models have live servers: nobody is answered "unavailable"
+    for keys in MODELS:  # their models have live servers: nobody is answered "unavailable"
+        r.set(keys.alive, 1)
     waits, left, gone = requests_of("waits", count), requests_of("gave-up", OTHERS), requests_of("gone", OTHERS)
     gave_up = Waiting(inbox, left, timeout_s=0).join()  # their clients left before the answers came
     waiting = Waiting(inbox, waits, timeout_s=60)
@@ -122,7 +123,7 @@ def test_every_waiting_request_gets_its_own_answer_over_one_connection_per_model
     assert waiting.join() == own  # every one its own answer, none missing, none another's
     assert set(gave_up.values()) == {None} and inbox.waiting == 0
     # What nobody waited for was popped and dropped: nothing of this worker's stays in Redis.
-    wait_until(lambda: not r.exists(*(keys.inbox(inbox.worker_id) for keys in MODELS)), 10, "every answer popped")
+    wait_until(lambda: not any(r.exists(keys.inbox(inbox.worker_id)) for keys in MODELS), 10, "every answer popped")
     # A dead worker's answers wait for nobody: they are gone RESULT_TTL_S after the last was pushed.
     for keys in MODELS:
         assert r.llen(keys.inbox(GONE)) == OTHERS // len(MODELS)

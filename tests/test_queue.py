@@ -7,6 +7,7 @@ import time
 
 import numpy as np
 import pytest
+import redis
 
 from scripts.processes import wait_until
 from serving import queue, registry, wire
@@ -148,6 +149,16 @@ def test_every_key_of_a_model_is_in_one_cluster_slot():
     tagged = [KEYS.queue, KEYS.info, KEYS.servers, KEYS.alive, KEYS.stats, KEYS.speeds]
     tagged += [KEYS.heartbeat("s"), KEYS.inflight("s", 2), KEYS.inbox("w")]
     assert {key.split("{", 1)[1].split("}", 1)[0] for key in tagged} == {"digits:1"}
+
+
+def test_the_suites_redis_refuses_scripts_and_transactions_across_slots_as_redis_cluster_does(r):
+    """The net under every test on the session's Redis (conftest.redis_url): without it, the test above
+    would be the only check, and it sees only the keys it lists."""
+    with pytest.raises(redis.ResponseError, match="same slot"):
+        r.eval("return redis.call('exists', KEYS[1], KEYS[2])", 2, KEYS.queue, OTHER.queue)
+    with pytest.raises(redis.ResponseError, match="same slot"):
+        r.pipeline(transaction=True).llen(KEYS.queue).llen(OTHER.queue).execute()
+    assert r.pipeline(transaction=True).llen(KEYS.queue).llen(KEYS.info).execute() == [0, 0]
 
 
 def test_registry_lists_announced_models_and_counts_only_beating_servers(r):
