@@ -47,6 +47,7 @@ class Catalog:
         self.default_model = default_model
         self.refresh_s = refresh_s
         self._states: list[ModelState] = []
+        self._starting: list[wire.ModelKeys] = []  # versions a model server is loading, as last read
         self._read_at: float | None = None  # None: read on the next look
         self._lock = threading.Lock()
         self._failed: tuple[float, redis.RedisError] | None = None  # when the last read failed, and why
@@ -73,7 +74,9 @@ class Catalog:
 
     def read(self) -> list[ModelState]:
         """The same, read from Redis now (readiness checks must see Redis down at once); raises redis.RedisError."""
-        self._states = [registry.state(self.r, k) for k in registry.known_models(self.r, self.clock.now())]
+        now = self.clock.now()
+        self._states = [registry.state(self.r, k) for k in registry.known_models(self.r, now)]
+        self._starting = registry.starting_models(self.r, now)
         self._read_at = time.monotonic()
         self._ready_at.update((state.keys, self._read_at) for state in self._states if state.ready)
         return self._states
@@ -120,12 +123,19 @@ class Catalog:
         return (live or versions)[-1]
 
     def _missing(self, name: str, version: int | None, unknown: str) -> LookupError:
-        """UnknownModel(unknown), unless this worker read the model (version) as ready within MODEL_RETENTION_S.
-        The registry keeps a version that long after its last server's beat, so it is missing only because
-        Redis lost it (restarted empty): its servers announce it again on their next beat. A 404 would tell
-        clients it is gone for good."""
-        if self._ready_lately(lambda keys: keys.name == name and version in (None, keys.version)):
+        """UnknownModel(unknown), unless a model server of the model (version) is loading it, or this worker
+        read it as ready within MODEL_RETENTION_S. The registry keeps a version that long after its last
+        server's beat, so it is missing then only because Redis lost it (restarted empty): its servers
+        announce it again on their next beat. A 404 would tell clients it is gone for good."""
+
+        def wanted(keys: wire.ModelKeys) -> bool:
+            return keys.name == name and version in (None, keys.version)
+
+        if self._ready_lately(wanted):
             return NoModel(f"{name!r} is missing from Redis, which seems to have restarted: {_BACK_SOON}")
+        if any(wanted(keys) for keys in self._starting):
+            which = name if version is None else wire.ModelKeys(name, version).named
+            return NoModel(f"{which} is starting: its model server is loading it; try again shortly")
         return UnknownModel(unknown)
 
     def _ready_lately(self, which: Callable[[wire.ModelKeys], bool]) -> bool:

@@ -64,16 +64,18 @@ class Registration:
 @contextmanager
 def starting(r: redis.Redis, keys: wire.ModelKeys, every_s: float, grace_s: float) -> Iterator[None]:
     """Within the block, while a model server loads and warms up its model, its version counts as alive
-    (NO_SERVER_GRACE_S, refreshed every every_s), and nothing else is published. A restart of a
-    version's only server then keeps the requests waiting for it, and takes new ones, however long
-    the start takes (ResNet50 here: 16 s, longer than the grace): a server is gone only once
-    no process of its version runs."""
+    and as starting (wire.STARTING) for grace_s (NO_SERVER_GRACE_S), refreshed every every_s, and nothing
+    else is published. A restart of a version's only server then keeps the requests waiting for it, and
+    takes new ones, however long the start takes (ResNet50 here: 16 s, longer than the grace): a server is
+    gone only once no process of its version runs. On its first start, a request naming it is told that
+    it starts (503), not that no such model exists (404)."""
     done = threading.Event()
 
     def hold() -> None:
         while True:
             try:
                 _hold_alive(r, keys, grace_s)
+                _list_starting(r, keys, grace_s)
             except redis.RedisError:
                 pass  # Redis may come up after us: the server's first beat waits for it and says so
             if done.wait(every_s):
@@ -90,6 +92,16 @@ def starting(r: redis.Redis, keys: wire.ModelKeys, every_s: float, grace_s: floa
 
 def _hold_alive(r: redis.Redis | redis.client.Pipeline, keys: wire.ModelKeys, grace_s: float) -> None:
     r.set(keys.alive, 1, px=int(grace_s * 1000))
+
+
+def _list_starting(r: redis.Redis, keys: wire.ModelKeys, grace_s: float) -> None:
+    """Until grace_s from now on Redis' clock: a server that dies while it loads is forgotten by itself."""
+    seconds, micros = r.time()
+    now = seconds + micros / 1e6
+    pipe = r.pipeline(transaction=False)
+    pipe.zadd(wire.STARTING, {keys.member: now + grace_s})
+    pipe.zremrangebyscore(wire.STARTING, "-inf", now)
+    pipe.execute()
 
 
 @dataclass(frozen=True)
@@ -111,8 +123,17 @@ class ModelState:
 
 def known_models(r: redis.Redis, now: float) -> list[wire.ModelKeys]:
     """Every model version announced within MODEL_RETENTION_S (`now` is Redis' clock)."""
+    return _versions(r.zrangebyscore(wire.MODELS, now - MODEL_RETENTION_S, "+inf"))
+
+
+def starting_models(r: redis.Redis, now: float) -> list[wire.ModelKeys]:
+    """Every model version a model server is loading now (`now` is Redis' clock), announced or not."""
+    return _versions(r.zrangebyscore(wire.STARTING, now, "+inf"))
+
+
+def _versions(members: list[bytes]) -> list[wire.ModelKeys]:
     found = []
-    for member in r.zrangebyscore(wire.MODELS, now - MODEL_RETENTION_S, "+inf"):
+    for member in members:
         try:
             found.append(wire.ModelKeys.from_member(member))
         except wire.MalformedMessage:

@@ -21,6 +21,8 @@ import pybase64
 PREFIX = "serving"
 # Sorted set of "name:version" -> Redis time (s) of the last heartbeat of any of its model servers.
 MODELS = f"{PREFIX}:models"
+# Sorted set of "name:version" -> Redis time (s) until which a model server of it counts as loading its model.
+STARTING = f"{PREFIX}:starting"
 
 
 class MalformedMessage(ValueError):

@@ -161,6 +161,25 @@ def test_a_model_missing_from_a_redis_that_lost_it_is_unavailable_not_unknown(mo
     assert upload(client, DIGIT, "?model=nope").status_code == 404
 
 
+def test_a_model_whose_first_server_is_loading_it_is_starting_not_unknown(served, client, r):
+    """A model server announces its model at its first heartbeat, once loaded and warmed up (ResNet50 here:
+    16 s). Until then a request naming the model, or a new version of one served, is told it starts."""
+    with registry.starting(r, wire.ModelKeys("colours", 1), every_s=0.05, grace_s=1.0):
+        with registry.starting(r, wire.ModelKeys("digits", 2), every_s=0.05, grace_s=1.0):
+            for query, named in [("?model=colours", "colours"), ("?model=digits&version=2", "digits version 2")]:
+                response = upload(client, DIGIT, query)
+                assert (response.status_code, response.json["error"]["code"]) == (503, "unavailable"), query
+                assert response.json["error"]["message"].startswith(f"{named} is starting")
+                assert response.headers["Retry-After"] == "1"
+            assert client.get("/v2/models/colours/ready").status_code == 503
+            assert upload(client, DIGIT, "?model=colours&version=2").status_code == 404  # not the one loading
+            assert upload(client, DIGIT, "?model=nope").status_code == 404
+            assert upload(client, DIGIT).json["model"] == "digits"  # the only model served is still the default
+    # A server that stopped loading, or died doing so, is forgotten within the grace: unknown again.
+    queries = ("?model=colours", "?model=digits&version=2")
+    wait_until(lambda: all(upload(client, DIGIT, q).status_code == 404 for q in queries), 10, "both unknown again")
+
+
 def test_without_a_version_the_highest_with_a_live_server_answers(model_servers, digits, digits_v2, make_app):
     app = make_app()
     client, catalog = app.test_client(), app.extensions["serving"].catalog

@@ -178,9 +178,10 @@ def test_registry_lists_announced_models_and_counts_only_beating_servers(r):
 def test_a_starting_server_keeps_its_version_alive_past_the_grace_and_only_that(r):
     with registry.starting(r, KEYS, every_s=0.05, grace_s=1.0):
         time.sleep(2.5)  # more than twice the grace: the key lives only because it is refreshed
-        assert r.exists(KEYS.alive) == 1
-        assert r.keys("*") == [KEYS.alive.encode()]  # nothing else is published before it serves
+        assert r.exists(KEYS.alive) == 1 and registry.starting_models(r, now=time.time()) == [KEYS]
+        assert sorted(r.keys("*")) == sorted([KEYS.alive.encode(), wire.STARTING.encode()])  # nothing else yet
     wait_until(lambda: not r.exists(KEYS.alive), 10, "the grace over once it stopped")
+    assert registry.starting_models(r, now=time.time()) == []
 
 
 def test_a_queue_may_fill_up_to_its_limit_exactly(r, alive):
