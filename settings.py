@@ -18,6 +18,9 @@ from dataclasses import dataclass, field
 
 # Model names go into Redis keys and URLs: letters, digits, and . _ - after the first character.
 MODEL_NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+# An API key a client can send: HTTP clients disagree on how to send other than ASCII in a header (curl
+# sends UTF-8, Python's http.client Latin-1), and gunicorn refuses a header line past 8,190 bytes.
+API_KEY_PATTERN = re.compile(r"[\x20-\x7e]{1,4096}")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 # Below 2**53, so that every JSON client reads a version exactly; room for date-like versions (20261206).
 MAX_MODEL_VERSION = 10**15 - 1
@@ -117,6 +120,10 @@ class Settings:
         _check_model_name("MODEL_NAME (from the file's name: set it)" if derived else "MODEL_NAME", self.model_name)
         if self.default_model:  # a name no model server could take would route every request nowhere
             _check_model_name("DEFAULT_MODEL", self.default_model)
+        for n, key in enumerate(sorted(self.api_keys), 1):  # the key itself is a secret: not in the message
+            if not API_KEY_PATTERN.fullmatch(key):
+                rule = "each must be up to 4,096 printable ASCII characters, or no client can send it"
+                raise SystemExit(f"setting API_KEYS: key {n} of {len(self.api_keys)} (sorted) will not work: {rule}")
         if self.log_format not in ("text", "json"):
             raise SystemExit(f"setting LOG_FORMAT={self.log_format!r} must be text or json")
         if self.heartbeat_ttl_s <= self.heartbeat_s:  # a live server would count as dead between its beats
@@ -175,7 +182,10 @@ def default_model_name(model: str) -> str:
 def _parse(f: dataclasses.Field, raw: str) -> object:
     name = f.name.upper()
     if f.type == "frozenset[str]":
-        return frozenset(part.strip() for part in raw.split(",") if part.strip())
+        parts = frozenset(part.strip() for part in raw.split(",") if part.strip())
+        if not parts:  # say "API_KEYS=${KEY}," with KEY unset: an API meant closed must not open
+            raise SystemExit(f"setting {name}={raw!r} names none: give one or more, or leave it unset")
+        return parts
     if f.type == "str":
         return raw
     kind = int if f.type == "int" else float

@@ -44,6 +44,9 @@ def test_each_field_comes_from_the_variable_of_its_name():
         ({"BATCH_SIZE": "2.5"}, "BATCH_SIZE='2.5' must be a whole number"),
         ({"BATCH_SIZE": "inf"}, "BATCH_SIZE='inf' must be a whole number"),
         ({"MODEL": "/m/my model.keras"}, "MODEL_NAME \\(from the file's name: set it\\)='my model'"),
+        ({"API_KEYS": ","}, "API_KEYS=',' names none"),  # an empty template, say: not an open API
+        ({"API_KEYS": "b, ключ"}, "API_KEYS: key 2 of 2 \\(sorted\\) will not work"),  # and the key is not shown
+        ({"API_KEYS": "a," + "k" * 4097}, "API_KEYS: key 2 of 2"),
     ],
 )
 def test_a_value_that_cannot_work_stops_with_its_name(env, says):
