@@ -36,6 +36,13 @@ _FAILURES = {
 
 def resolve(raw_model: object, raw_version: object) -> ModelState:
     """The model version a request goes to, with its info; a 4xx or 503 saying why there is none."""
+    model = find(raw_model, raw_version)
+    g.model = model.keys  # the request's metrics are labelled with it
+    return model
+
+
+def find(raw_model: object, raw_version: object) -> ModelState:
+    """resolve, for a request that will not go to the version found: its metrics are not labelled with it."""
     try:
         model = tier().catalog.resolve(parse_model(raw_model), parse_version(raw_version))
     except UnknownModel as exc:
@@ -47,7 +54,6 @@ def resolve(raw_model: object, raw_version: object) -> ModelState:
     if model.info is None:
         message = f"{model.keys.name} has published nothing readable yet"
         raise ApiError(503, "unavailable", message, {"Retry-After": "1"})
-    g.model = model.keys  # the request's metrics are labelled with it
     return model
 
 

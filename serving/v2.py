@@ -16,7 +16,7 @@ import numpy as np
 from flask import Blueprint, Response, g, jsonify, request
 
 from serving import tensors, wire
-from serving.dispatch import admit_early, infer, pixels_of, resolve, routed
+from serving.dispatch import admit_early, find, infer, pixels_of, resolve, routed
 from serving.errors import ApiError
 from serving.registry import ModelState
 from serving.upload import TIMEOUT_HEADER, b64decode, parse_timeout, parse_version, read_body
@@ -105,7 +105,7 @@ def _check_version(name: str, version: str | None) -> None:
     try:
         parse_version(version)
     except ApiError:
-        resolve(name, None)
+        find(name, None)  # of an unknown model, its own 404
         message = f"model {name!r} has no version {version!r:.40}; its versions are: {', '.join(_versions(name))}"
         raise ApiError(404, "unknown_model", message) from None
 

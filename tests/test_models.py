@@ -307,6 +307,7 @@ def test_metrics_are_labelled_by_model_and_version(two_models, client):
     for name, image in [("digits", DIGIT), ("colours", RED), ("colours", RED)]:
         assert upload(client, image, model=name).status_code == 200
     upload(client, DIGIT, model="nope")
+    assert client.post("/v2/models/digits/versions/two/infer", json={}).status_code == 404  # no version chosen
     colours_images = 'serving_images_total{model="colours",version="1"}'
 
     def scrape() -> str:
@@ -323,6 +324,8 @@ def test_metrics_are_labelled_by_model_and_version(two_models, client):
     assert grew('serving_request_seconds_count{model="colours",route="/predict",status="200",version="1"}') == 2
     assert grew('serving_request_seconds_count{model="digits",route="/predict",status="200",version="1"}') == 1
     assert grew('serving_request_seconds_count{model="",route="/predict",status="404",version=""}') == 1
+    v2_404 = 'route="/v2/models/<name>/versions/<version>/infer",status="404"'
+    assert grew(f'serving_request_seconds_count{{model="",{v2_404},version=""}}') == 1
     assert value(after, colours_images) == 2
     assert value(after, 'serving_model_servers{model="digits",version="1"}') == 1
 
