@@ -15,7 +15,8 @@ greenlet and connection for good, and enough of them took every connection a wor
 Every request now ends within its deadline plus STALL_SLACK_S; past that its connection is closed.
 
 A request gunicorn itself refuses (a request line or headers over its limits, a malformed request)
-never reaches the app; gunicorn answers it through util.write_error, with an HTML page by default.
+never reaches the app, nor its metrics; gunicorn answers it through util.write_error, with an HTML page by
+default.
 """
 
 from __future__ import annotations
@@ -106,10 +107,13 @@ def _shut(client: socket.socket) -> None:
 
 
 def json_error(sock: socket.socket, status_int: int, reason: str, mesg: str) -> None:
-    """gunicorn's util.write_error, answering in the contract's JSON: clients parse every error alike."""
+    """gunicorn's util.write_error, answering in the contract's JSON: clients parse every error alike. Counted
+    in serving_requests_total as route "gunicorn": the app, which counts the rest, never sees these."""
     # Imported here: gunicorn loads this module before gevent patches ssl, which serving.errors imports (redis).
+    from serving import metrics
     from serving.errors import code_for, contract_shape
 
+    metrics.observe_request("gunicorn", status_int, 0.0)
     body = json.dumps(contract_shape(code_for(status_int, reason), mesg)).encode()
     head = f"HTTP/1.1 {status_int} {reason}\r\nConnection: close\r\nContent-Type: application/json\r\n"
     util.write_nonblock(sock, f"{head}Content-Length: {len(body)}\r\n\r\n".encode("latin-1") + body)

@@ -423,6 +423,9 @@ def test_requests_gunicorn_cannot_parse_get_the_contracts_json_too(make_stack):
         assert answer.headers["Content-Type"] == "application/json"
         assert answer.json()["success"] is False and answer.json()["error"]["code"] == code
         assert answer.json()["error"]["message"]
+    counted = requests.get(f"{url}/metrics", timeout=10).text  # whichever worker answered each
+    for status in (414, 431, 400):
+        assert f'serving_requests_total{{route="gunicorn",status="{status}"}} 1.0' in counted, counted
 
 
 @pytest.mark.processes
