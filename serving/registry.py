@@ -43,6 +43,7 @@ class Registration:
         pipe.set(self.keys.info, self.info.encode())
         pipe.zadd(wire.MODELS, {self.keys.member: now})
         pipe.zremrangebyscore(wire.MODELS, "-inf", now - MODEL_RETENTION_S)
+        pipe.zrem(wire.STARTING, self.keys.member)  # announced: it starts no more (in the same round trip)
         pipe.execute()
 
     def peers(self) -> list[str]:

@@ -180,6 +180,15 @@ def test_a_model_whose_first_server_is_loading_it_is_starting_not_unknown(served
     wait_until(lambda: all(upload(client, DIGIT, q).status_code == 404 for q in queries), 10, "both unknown again")
 
 
+def test_a_model_server_that_started_lists_its_version_as_served_and_no_longer_as_starting(r):
+    keys = wire.ModelKeys("digits", 1)
+    with registry.starting(r, keys, every_s=0.05, grace_s=60.0):
+        assert r.zscore(wire.STARTING, keys.member)
+    registration = registry.Registration(r, wire.ModelInfo("digits", 1, 8, 8, 1, tuple("0123456789")), "s1")
+    registration.beat(now=1000.0, ttl_s=5, grace_s=15)  # its first beat, once warmed up
+    assert r.zscore(wire.MODELS, keys.member) == 1000.0 and not r.exists(wire.STARTING)
+
+
 def test_without_a_version_the_highest_with_a_live_server_answers(model_servers, digits, digits_v2, make_app):
     app = make_app()
     client, catalog = app.test_client(), app.extensions["serving"].catalog
