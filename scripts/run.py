@@ -11,6 +11,7 @@ import json
 import os
 import pathlib
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -35,6 +36,17 @@ def shown(url: str) -> str:
         return url
     userinfo, _, host = parts.netloc.rpartition("@")
     return parts._replace(netloc=f"{userinfo.partition(':')[0]}:***@{host}").geturl()
+
+
+def check_port_free(port: int) -> None:
+    """Exits if something listens on PORT already. gunicorn would retry its bind for 5 s and exit, while a
+    server already there (another make run, say) answered /ready, and this one said "serving" meanwhile."""
+    with socket.socket() as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as gunicorn binds: TIME_WAIT is no owner
+        try:
+            probe.bind(("0.0.0.0", port))  # gunicorn_conf's bind
+        except OSError as exc:
+            sys.exit(f"PORT={port} is taken ({exc.strerror}): stop what listens there, or set PORT to a free port.")
 
 
 def redis_for(url: str) -> list[subprocess.Popen]:
@@ -105,6 +117,7 @@ def main() -> int:
     # what was started.
     for signum in (signal.SIGTERM, signal.SIGHUP):
         signal.signal(signum, lambda *_: sys.exit(0))
+    check_port_free(settings.port)
     try:
         children.update(("redis-server", process) for process in redis_for(settings.redis_url))
         # Each child in a process group of its own: a terminal's Ctrl-C signals its whole foreground group at

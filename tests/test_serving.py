@@ -231,11 +231,12 @@ class Run(NamedTuple):
 
 @pytest.fixture
 def make_run(tmp_path: pathlib.Path) -> Iterator[Callable[[str], Run]]:
-    """make_run(redis_url) -> run.py serving digits on a free port with that REDIS_URL."""
+    """make_run(redis_url, model="digits", port=a free one) -> run.py serving the model on PORT with that
+    REDIS_URL."""
     started: list[subprocess.Popen] = []
 
-    def start(redis_url: str, model: str = "digits") -> Run:
-        port, log = free_port(), tmp_path / f"run-{len(started)}.log"
+    def start(redis_url: str, model: str = "digits", port: int = 0) -> Run:
+        port, log = port or free_port(), tmp_path / f"run-{len(started)}.log"
         env = {**os.environ, "REDIS_URL": redis_url, "MODEL": model, "PORT": str(port)}
         with log.open("wb") as out:
             command = [sys.executable, str(REPO / "scripts" / "run.py")]
@@ -325,12 +326,24 @@ def test_make_run_never_says_serving_when_the_model_server_cannot_start(make_run
     assert session(run.process.pid) == []  # its web tier and Redis stopped with it
 
 
-def refused(run: Run) -> str:
-    """What run.py said when it stopped before starting any server: a message, not a traceback."""
+def refused(run: Run, setting: str = "REDIS_URL") -> str:
+    """What run.py said when it stopped before starting any server: a message naming the setting, not a
+    traceback."""
     assert run.process.wait(timeout=30) != 0
     text = run.log.read_text()
-    assert "REDIS_URL" in text and "Traceback" not in text and "Ctrl-C stops" not in text, text
+    assert setting in text and "Traceback" not in text and "Ctrl-C stops" not in text, text
     return text
+
+
+@pytest.mark.processes
+def test_make_run_on_a_port_another_server_holds_starts_nothing_and_says_so(make_run):
+    url = f"redis://127.0.0.1:{free_port()}/0"
+    with socket.socket() as other:  # another web server, say, which would answer /ready for this one
+        other.bind(("127.0.0.1", 0))
+        other.listen()
+        run = make_run(url, port=other.getsockname()[1])
+        assert f"PORT={run.port} is taken" in refused(run, "PORT")
+    assert session(run.process.pid) == [] and not listening("127.0.0.1", urlparse(url).port)  # no Redis started
 
 
 @pytest.mark.processes
