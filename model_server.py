@@ -82,22 +82,20 @@ def main() -> int:
     name = connections.client_name("model", settings.model_name)
     r = connections.connect(settings.redis_url, socket_timeout=BLOCK_S + 5, name=name)
     keys = wire.ModelKeys(settings.model_name, settings.model_version)
-    with registry.starting(r, keys, settings.heartbeat_s, settings.alive_ttl_s):
-        server = warmed_up(settings, r)
-    if server is None:
+    try:
+        with registry.starting(r, keys, settings.heartbeat_s, settings.alive_ttl_s, settings.heartbeat_ttl_s):
+            server = warmed_up(settings, r)
+    except zoo.ModelUnavailable as exc:
+        log.error("%s", exc)
         return 2
     server.run()
     return 0
 
 
-def warmed_up(settings: Settings, r: redis.Redis) -> ModelServer | None:
-    """A model server with its model loaded and warmed up, that stops on SIGTERM or Ctrl-C; None (the
-    reason logged) when the model cannot be loaded."""
-    try:
-        servable = load(settings)
-    except zoo.ModelUnavailable as exc:
-        log.error("%s", exc)
-        return None
+def warmed_up(settings: Settings, r: redis.Redis) -> ModelServer:
+    """A model server with its model loaded and warmed up, that stops on SIGTERM or Ctrl-C; raises
+    zoo.ModelUnavailable when the model cannot be loaded."""
+    servable = load(settings)
     import keras  # loaded by zoo.load already: which backend it runs on is worth a line in the log
 
     logs.event(log, "loaded", model=settings.model, backend=keras.backend.backend(), threads=predict_threads())

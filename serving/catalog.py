@@ -75,8 +75,10 @@ class Catalog:
     def read(self) -> list[ModelState]:
         """The same, read from Redis now (readiness checks must see Redis down at once); raises redis.RedisError."""
         now = self.clock.now()
-        self._states = [registry.state(self.r, k) for k in registry.known_models(self.r, now)]
+        # The starting list first: a server's first beat moves its version from it to the registry, and read
+        # the other way round, a beat between the two reads left the version in neither (a 404).
         self._starting = registry.starting_models(self.r, now)
+        self._states = [registry.state(self.r, k) for k in registry.known_models(self.r, now)]
         self._read_at = time.monotonic()
         self._ready_at.update((state.keys, self._read_at) for state in self._states if state.ready)
         return self._states
@@ -107,7 +109,8 @@ class Catalog:
         wanted = name or self._default_name()
         versions = [state for state in self.states() if state.keys.name == wanted]
         if not versions and not name:  # DEFAULT_MODEL names a model none of whose servers has started
-            raise NoModel(f"the default model {wanted!r} has no model server yet; try again shortly")
+            yet = f"the default model {wanted!r} has no model server yet; try again shortly"
+            raise NoModel(self._starting_now(wanted) or yet)
         if not versions:
             served = ", ".join(self.names()) or "none yet"
             raise self._missing(wanted, version, f"no model named {wanted!r:.80} is served; the models are: {served}")
@@ -133,10 +136,16 @@ class Catalog:
 
         if self._ready_lately(wanted):
             return NoModel(f"{name!r} is missing from Redis, which seems to have restarted: {_BACK_SOON}")
-        if any(wanted(keys) for keys in self._starting):
-            which = name if version is None else wire.ModelKeys(name, version).named
-            return NoModel(f"{which} is starting: its model server is loading it; try again shortly")
+        if starting := self._starting_now(name, version):
+            return NoModel(starting)
         return UnknownModel(unknown)
+
+    def _starting_now(self, name: str, version: int | None = None) -> str | None:
+        """What to tell a request for the model (version) while a model server is loading it; else None."""
+        if not any(keys.name == name and version in (None, keys.version) for keys in self._starting):
+            return None
+        which = name if version is None else wire.ModelKeys(name, version).named
+        return f"{which} is starting: its model server is loading it; try again shortly"
 
     def _ready_lately(self, which: Callable[[wire.ModelKeys], bool]) -> bool:
         since = time.monotonic() - registry.MODEL_RETENTION_S
@@ -154,6 +163,9 @@ class Catalog:
         if not names and self._ready_lately(lambda keys: True):
             raise NoModel(f"no model is in Redis, which seems to have restarted: {_BACK_SOON}")
         if not names:
+            loading = {keys.name for keys in self._starting}
+            if len(loading) == 1:  # the model that requests naming none will go to
+                raise NoModel(self._starting_now(loading.pop()))
             raise NoModel("no model server has started yet; try again shortly")
         if len(names) > 1:
             raise NoModelNamed(f"several models are served: name one of {', '.join(names)} as 'model'")

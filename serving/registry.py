@@ -8,6 +8,7 @@ reap the dead (serving.queue requeues what they held).
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -63,20 +64,25 @@ class Registration:
 
 
 @contextmanager
-def starting(r: redis.Redis, keys: wire.ModelKeys, every_s: float, grace_s: float) -> Iterator[None]:
-    """Within the block, while a model server loads and warms up its model, its version counts as alive
-    and as starting (wire.STARTING) for grace_s (NO_SERVER_GRACE_S), refreshed every every_s, and nothing
-    else is published. A restart of a version's only server then keeps the requests waiting for it, and
-    takes new ones, however long the start takes (ResNet50 here: 16 s, longer than the grace): a server is
-    gone only once no process of its version runs. On its first start, a request naming it is told that
-    it starts (503), not that no such model exists (404)."""
+def starting(r: redis.Redis, keys: wire.ModelKeys, every_s: float, grace_s: float, listed_s: float) -> Iterator[None]:
+    """Within the block, while a model server loads and warms up its model, its version counts as alive for
+    grace_s (NO_SERVER_GRACE_S) and as starting (wire.STARTING) for listed_s (HEARTBEAT_TTL_S, as a server's
+    own heartbeat), each refreshed every every_s, and nothing else is published.
+
+    A restart of a version's only server then keeps the requests waiting for it, and takes new ones, however
+    long the start takes (ResNet50 here: 16 s, longer than the grace): a server is gone only once no process
+    of its version runs. On a model's first start, a request naming it is told that it starts (503), not
+    that no such model exists (404). A block left by an exception (the model would not load, a SIGTERM)
+    takes the version off the starting list at once; after a SIGKILL it lapses within listed_s. A block
+    that ends normally leaves it there for the server's first beat to remove, in the round trip that
+    announces the version: removed any earlier, the version would be in neither list meanwhile (404)."""
     done = threading.Event()
 
     def hold() -> None:
         while True:
             try:
                 _hold_alive(r, keys, grace_s)
-                _list_starting(r, keys, grace_s)
+                _list_starting(r, keys, listed_s)
             except redis.RedisError:
                 pass  # Redis may come up after us: the server's first beat waits for it and says so
             if done.wait(every_s):
@@ -84,23 +90,28 @@ def starting(r: redis.Redis, keys: wire.ModelKeys, every_s: float, grace_s: floa
 
     thread = threading.Thread(target=hold, name="starting", daemon=True)
     thread.start()
+    loaded = False
     try:
         yield
+        loaded = True
     finally:
         done.set()
-        thread.join()
+        thread.join()  # before the removal below, which it would otherwise undo
+        if not loaded:
+            with contextlib.suppress(redis.RedisError):
+                r.zrem(wire.STARTING, keys.member)
 
 
 def _hold_alive(r: redis.Redis | redis.client.Pipeline, keys: wire.ModelKeys, grace_s: float) -> None:
     r.set(keys.alive, 1, px=int(grace_s * 1000))
 
 
-def _list_starting(r: redis.Redis, keys: wire.ModelKeys, grace_s: float) -> None:
-    """Until grace_s from now on Redis' clock: a server that dies while it loads is forgotten by itself."""
+def _list_starting(r: redis.Redis, keys: wire.ModelKeys, listed_s: float) -> None:
+    """Until listed_s from now on Redis' clock: a server that dies while it loads is forgotten by itself."""
     seconds, micros = r.time()
     now = seconds + micros / 1e6
     pipe = r.pipeline(transaction=False)
-    pipe.zadd(wire.STARTING, {keys.member: now + grace_s})
+    pipe.zadd(wire.STARTING, {keys.member: now + listed_s})
     pipe.zremrangebyscore(wire.STARTING, "-inf", now)
     pipe.execute()
 

@@ -8,6 +8,7 @@ import math
 import pathlib
 import re
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -103,7 +104,7 @@ def test_while_the_only_live_model_restarts_a_model_that_left_before_does_not_co
     two_models.servers.stop(two_models.colours)
     r.delete(wire.ModelKeys("colours", 1).alive)  # its NO_SERVER_GRACE_S is over
     two_models.servers.stop(two_models.digits)
-    with registry.starting(r, wire.ModelKeys("digits", 1), every_s=1.0, grace_s=60.0):  # digits restarts
+    with registry.starting(r, wire.ModelKeys("digits", 1), every_s=1.0, grace_s=60.0, listed_s=5.0):  # a restart
         catalog.forget()
         assert catalog.resolve(None, None).keys.name == "digits"
 
@@ -164,8 +165,8 @@ def test_a_model_missing_from_a_redis_that_lost_it_is_unavailable_not_unknown(mo
 def test_a_model_whose_first_server_is_loading_it_is_starting_not_unknown(served, client, r):
     """A model server announces its model at its first heartbeat, once loaded and warmed up (ResNet50 here:
     16 s). Until then a request naming the model, or a new version of one served, is told it starts."""
-    with registry.starting(r, wire.ModelKeys("colours", 1), every_s=0.05, grace_s=1.0):
-        with registry.starting(r, wire.ModelKeys("digits", 2), every_s=0.05, grace_s=1.0):
+    with registry.starting(r, wire.ModelKeys("colours", 1), every_s=0.05, grace_s=1.0, listed_s=1.0):
+        with registry.starting(r, wire.ModelKeys("digits", 2), every_s=0.05, grace_s=1.0, listed_s=1.0):
             for query, named in [("?model=colours", "colours"), ("?model=digits&version=2", "digits version 2")]:
                 response = upload(client, DIGIT, query)
                 assert (response.status_code, response.json["error"]["code"]) == (503, "unavailable"), query
@@ -175,14 +176,55 @@ def test_a_model_whose_first_server_is_loading_it_is_starting_not_unknown(served
             assert upload(client, DIGIT, "?model=colours&version=2").status_code == 404  # not the one loading
             assert upload(client, DIGIT, "?model=nope").status_code == 404
             assert upload(client, DIGIT).json["model"] == "digits"  # the only model served is still the default
-    # A server that stopped loading, or died doing so, is forgotten within the grace: unknown again.
+    # A server that died while loading (these blocks ended without the first beat) lapses: unknown again.
     queries = ("?model=colours", "?model=digits&version=2")
     wait_until(lambda: all(upload(client, DIGIT, q).status_code == 404 for q in queries), 10, "both unknown again")
 
 
+def test_requests_naming_no_model_are_told_which_one_starts(make_app, r):
+    with registry.starting(r, wire.ModelKeys("colours", 1), every_s=0.05, grace_s=60.0, listed_s=60.0):
+        for app in (make_app(), make_app(default_model="colours")):  # the only one, or the default
+            response = upload(app.test_client(), RED)
+            assert (response.status_code, response.json["error"]["code"]) == (503, "unavailable")
+            assert response.json["error"]["message"].startswith("colours is starting")
+
+
+def test_a_first_beat_between_the_web_tiers_two_reads_still_finds_the_model(served, client, r, monkeypatch):
+    """The first beat moves a version from the starting list to the registry in one round trip, and the web
+    tier reads the two lists one after the other. Here the beat comes just before the second read."""
+    keys = wire.ModelKeys("colours", 1)
+    registration = registry.Registration(r, wire.ModelInfo("colours", 1, 16, 16, 3, ("r", "g", "b")), "s1")
+    reads = []
+
+    def second_read_after_the_beat(read: Callable[..., list]) -> Callable[..., list]:
+        def read_lists(*args: object, **kwargs: object) -> list:
+            reads.append(read)
+            if len(reads) == 2:
+                registration.beat(now=time.time(), ttl_s=5, grace_s=15)
+            return read(*args, **kwargs)
+
+        return read_lists
+
+    with registry.starting(r, keys, every_s=60, grace_s=60.0, listed_s=60.0):
+        monkeypatch.setattr(registry, "known_models", second_read_after_the_beat(registry.known_models))
+        monkeypatch.setattr(registry, "starting_models", second_read_after_the_beat(registry.starting_models))
+        client.application.extensions["serving"].catalog.forget()
+        response = upload(client, RED, "?model=colours", timeout_ms="200")
+    assert len(reads) >= 2 and response.status_code != 404, response.json  # 504: nothing computes it here
+
+
+def test_a_model_server_that_fails_or_stops_while_loading_is_no_longer_starting_at_once(r):
+    keys = wire.ModelKeys("digits", 1)
+    with pytest.raises(SystemExit):  # SIGTERM while loading; a model that will not load raises too
+        with registry.starting(r, keys, every_s=0.05, grace_s=60.0, listed_s=60.0):
+            assert registry.starting_models(r, now=time.time()) == [keys]
+            raise SystemExit(0)
+    assert registry.starting_models(r, now=time.time()) == [] and r.exists(keys.alive)  # alive: it may restart
+
+
 def test_a_model_server_that_started_lists_its_version_as_served_and_no_longer_as_starting(r):
     keys = wire.ModelKeys("digits", 1)
-    with registry.starting(r, keys, every_s=0.05, grace_s=60.0):
+    with registry.starting(r, keys, every_s=0.05, grace_s=60.0, listed_s=60.0):
         assert r.zscore(wire.STARTING, keys.member)
     registration = registry.Registration(r, wire.ModelInfo("digits", 1, 8, 8, 1, tuple("0123456789")), "s1")
     registration.beat(now=1000.0, ttl_s=5, grace_s=15)  # its first beat, once warmed up

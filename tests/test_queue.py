@@ -176,7 +176,7 @@ def test_registry_lists_announced_models_and_counts_only_beating_servers(r):
 
 
 def test_a_starting_server_keeps_its_version_alive_past_the_grace_and_only_that(r):
-    with registry.starting(r, KEYS, every_s=0.05, grace_s=1.0):
+    with registry.starting(r, KEYS, every_s=0.05, grace_s=1.0, listed_s=1.0):
         time.sleep(2.5)  # more than twice the grace: the key lives only because it is refreshed
         assert r.exists(KEYS.alive) == 1 and registry.starting_models(r, now=time.time()) == [KEYS]
         assert sorted(r.keys("*")) == sorted([KEYS.alive.encode(), wire.STARTING.encode()])  # nothing else yet
