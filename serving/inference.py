@@ -20,7 +20,7 @@ from serving.admission import Estimate, Limit
 from serving.catalog import REFRESH_S
 from serving.clock import RedisClock
 from serving.registry import ModelState
-from serving.results import Expected, Inbox
+from serving.results import UNSERVED, Expected, Inbox
 
 
 class Refused(Exception):
@@ -126,11 +126,17 @@ class InferenceClient:
         estimate, limit = self._admission(model, len(jobs), deadline)
         with self.inbox.expect(model.keys, ids) as expected:
             self._submit(model, jobs, estimate, limit, "registered" if still_served else "alive")
-            results = self._wait(expected, deadline, still_served)
-            while lost := expected.lost():  # Redis restarted: its copies are gone, this worker's are not
-                # Queued even before a model server is back in the new Redis: each comes on its next heartbeat.
-                self._submit(model, [job for job in jobs if job.request_id in lost], estimate, limit, "nothing")
-                results |= self._wait(expected, deadline, still_served)
+            try:
+                results = self._wait(expected, deadline, still_served)
+                while lost := expected.lost():  # Redis restarted: its copies are gone, this worker's are not
+                    # Queued even before a model server is back in the new Redis: each comes on its next heartbeat.
+                    self._submit(model, [job for job in jobs if job.request_id in lost], estimate, limit, "nothing")
+                    results |= self._wait(expected, deadline, still_served)
+            except NotServed:  # it goes to another version: a server of this one that comes back must not compute it
+                queue.withdraw(self.r, model.keys, jobs)
+                raise
+        if unserved := _unserved(jobs, results):  # answered "unavailable": nobody waits for these any more
+            queue.withdraw(self.r, model.keys, unserved)
         if len(results) < len(ids):
             raise TimedOut()
         return [results[i] for i in ids]
@@ -200,3 +206,8 @@ class InferenceClient:
         else:
             why = f"{name}'s queue holds its limit of {self.queue_limit} images (QUEUE_LIMIT)"
         return Refused("overloaded", f"{why}; retry after {max(1, retry_s)} s", retry_s)
+
+
+def _unserved(jobs: list[wire.Job], results: dict[str, wire.Result]) -> list[wire.Job]:
+    """The jobs answered "unavailable" (results.UNSERVED): queued for a version no model server is alive for."""
+    return [job for job in jobs if (got := results.get(job.request_id)) and got.error_code == UNSERVED.error_code]

@@ -137,6 +137,14 @@ def test_a_slot_left_over_from_a_failed_batch_is_requeued_before_it_is_used_agai
     assert ids(server.take(0, 2, 0, 0.1)) == ["a", "b"]
 
 
+def test_withdraw_takes_back_only_the_jobs_named_and_still_queued(r, alive):
+    queue.submit(r, KEYS, [job("a"), job("b"), job("c")], limit=10)
+    queue.ServerQueue(r, KEYS, "s1").take(0, 1, 0, 0.1)  # "a" is in a server's hands
+
+    assert queue.withdraw(r, KEYS, [job("a"), job("c")]) == 1
+    assert ids(r.lrange(KEYS.queue, 0, -1)) == ["b"] and ids(r.lrange(KEYS.inflight("s1", 0), 0, -1)) == ["a"]
+
+
 def test_models_keep_their_own_queues(r, alive):
     queue.submit(r, KEYS, [job("v1")], limit=10)
     queue.submit(r, OTHER, [job("v2")], limit=10)
