@@ -130,11 +130,7 @@ class Catalog:
         read it as ready within MODEL_RETENTION_S. The registry keeps a version that long after its last
         server's beat, so it is missing then only because Redis lost it (restarted empty): its servers
         announce it again on their next beat. A 404 would tell clients it is gone for good."""
-
-        def wanted(keys: wire.ModelKeys) -> bool:
-            return keys.name == name and version in (None, keys.version)
-
-        if self._ready_lately(wanted):
+        if self._ready_lately(lambda keys: keys.name == name and version in (None, keys.version)):
             return NoModel(f"{name!r} is missing from Redis, which seems to have restarted: {_BACK_SOON}")
         if starting := self._starting_now(name, version):
             return NoModel(starting)

@@ -1,5 +1,6 @@
 """Gunicorn configuration for the web tier (python web_server.py starts gunicorn with it)."""
 
+import gc
 import os
 import resource
 import shutil
@@ -59,6 +60,12 @@ if settings.log_format == "json":  # gunicorn's own lines (start, workers, signa
 # gunicorn's control socket sits at one fixed path per user, so a second server on the same
 # host would take it over; we manage workers with signals instead.
 control_socket_disable = True
+
+
+def post_worker_init(worker) -> None:  # noqa: ANN001 (gunicorn's hook signature)
+    # What the worker imported lives as long as it does: out of the collector's sight, a full collection no
+    # longer walks its 60,000 objects while requests wait (32 ms each time, here; python -m bench.gc_pause).
+    gc.freeze()
 
 
 def child_exit(server, worker) -> None:  # noqa: ANN001 (gunicorn's hook signature)

@@ -2,16 +2,16 @@
 
 A model server announces itself on every heartbeat: its heartbeat key (expiring), its model's info,
 the model's "alive" key (expiring after NO_SERVER_GRACE_S) and the model's entry in the registry of
-every model (wire.MODELS). Nothing needs cleaning up after a crash: keys expire, and live servers
-reap the dead (serving.queue requeues what they held).
+every model (wire.MODELS). Before that, while it loads its model, its version is listed as starting
+(wire.STARTING). Nothing needs cleaning up after a crash: keys expire, and live servers reap the dead
+(serving.queue requeues what they held).
 """
 
 from __future__ import annotations
 
-import contextlib
 import threading
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 
 import redis
@@ -98,7 +98,7 @@ def starting(r: redis.Redis, keys: wire.ModelKeys, every_s: float, grace_s: floa
         done.set()
         thread.join()  # before the removal below, which it would otherwise undo
         if not loaded:
-            with contextlib.suppress(redis.RedisError):
+            with suppress(redis.RedisError):
                 r.zrem(wire.STARTING, keys.member)
 
 
