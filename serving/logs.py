@@ -6,6 +6,7 @@ import json
 import logging
 import os
 import sys
+from datetime import UTC, datetime
 
 from settings import Settings
 
@@ -13,7 +14,8 @@ from settings import Settings
 class JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         line = {
-            "time": self.formatTime(record, "%Y-%m-%dT%H:%M:%S"),
+            # Milliseconds and the offset: lines of several hosts and tiers are put in order by this.
+            "time": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds"),
             "level": record.levelname,
             "process": f"{record.name}[{record.process}]",
             "message": record.getMessage(),

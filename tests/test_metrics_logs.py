@@ -5,6 +5,7 @@ Real processes: gunicorn's workers are what /metrics must add up, and the logs a
 
 from __future__ import annotations
 
+import re
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -81,3 +82,6 @@ def test_json_logs_follow_a_request_across_both_tiers(make_stack):
     (batch,) = [line for line in stack.logged(stack.model_logs[0], "batch") if request_id in line["request_ids"]]
     assert batch["size"] == 1 and batch["model_ms"] > 0
     assert batch["request_ids"].split(",") == [request_id]
+    # To the millisecond, with the offset: the lines of several hosts are put in order by it.
+    stamp = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}\+00:00")
+    assert all(stamp.fullmatch(line["time"]) for line in [*web_lines, batch])
