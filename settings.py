@@ -148,8 +148,11 @@ class Settings:
     @property
     def alive_ttl_s(self) -> float:
         """How long a model version counts as alive after a beat of one of its servers: NO_SERVER_GRACE_S
-        from when the next beat was due, so that a grace shorter than HEARTBEAT_S does not lapse between beats."""
-        return self.no_server_grace_s + self.heartbeat_s
+        from when the next beat was due, so that a grace shorter than HEARTBEAT_S does not lapse between beats,
+        and at least as long as that server counts as live (HEARTBEAT_TTL_S). A version whose server was
+        killed was otherwise "not alive" while the web tier still routed requests to it: those waiting got
+        503 unavailable, and so did new ones, instead of going to another live version."""
+        return max(self.no_server_grace_s, self.heartbeat_ttl_s) + self.heartbeat_s
 
 
 def redis_url_problem(url: str) -> str | None:

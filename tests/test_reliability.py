@@ -137,7 +137,9 @@ def test_without_model_servers_requests_time_out_then_are_refused(make_stack, ma
 
 @pytest.mark.processes
 def test_a_restart_slower_than_the_grace_keeps_the_requests_for_the_replacement(make_stack, make_app):
-    stack = make_stack(NO_SERVER_GRACE_S="1")  # a model server takes longer than that to load and warm up
+    # A model server takes longer than the grace to load and warm up; a version counts as alive at least as
+    # long as its server counts as live (HEARTBEAT_TTL_S), so that is short too.
+    stack = make_stack(NO_SERVER_GRACE_S="1", HEARTBEAT_S="0.2", HEARTBEAT_TTL_S="0.5")
     stop(stack.model_server())  # the only server of digits leaves...
     client = make_app(redis_url=stack.redis_url, request_timeout_s=120).test_client()
     with ThreadPoolExecutor(2) as pool:

@@ -54,6 +54,11 @@ def test_a_value_that_cannot_work_stops_with_its_name(env, says):
         Settings.from_env(env)
 
 
+def test_a_version_counts_as_alive_at_least_as_long_as_its_server_counts_as_live():
+    assert Settings(no_server_grace_s=15, heartbeat_s=1, heartbeat_ttl_s=5).alive_ttl_s == 16
+    assert Settings(no_server_grace_s=1, heartbeat_s=1, heartbeat_ttl_s=5).alive_ttl_s == 6
+
+
 def test_replace_derives_the_model_name_again_unless_it_was_set():
     assert Settings(model="digits").replace(model="/m/colours.keras").model_name == "colours"
     assert Settings(model="digits", model_name="mine").replace(model="/m/colours.keras").model_name == "mine"
