@@ -78,7 +78,7 @@ class Catalog:
         # The starting list first: a server's first beat moves its version from it to the registry, and read
         # the other way round, a beat between the two reads left the version in neither (a 404).
         self._starting = registry.starting_models(self.r, now)
-        self._states = [registry.state(self.r, k) for k in registry.known_models(self.r, now)]
+        self._states = registry.states(self.r, registry.known_models(self.r, now))
         self._read_at = time.monotonic()
         self._ready_at.update((state.keys, self._read_at) for state in self._states if state.ready)
         return self._states

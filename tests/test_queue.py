@@ -183,6 +183,24 @@ def test_registry_lists_announced_models_and_counts_only_beating_servers(r):
     assert registry.known_models(r, now=1000.0 + registry.MODEL_RETENTION_S + 1) == []
 
 
+def test_the_states_of_several_versions_read_at_once_keep_each_versions_servers_and_jobs_apart(r):
+    for keys, server_ids in ((KEYS, ["a1", "a2"]), (OTHER, ["b1"])):
+        info = wire.ModelInfo(keys.name, keys.version, 8, 8, 1, tuple("0123456789"))
+        for server_id in server_ids:
+            registry.Registration(r, info, server_id).beat(now=1000.0, ttl_s=60, grace_s=60)
+    r.delete(KEYS.heartbeat("a2"))  # a2 died holding two jobs: they are nobody's now, until requeued
+    r.rpush(KEYS.inflight("a2", 0), "x", "y")
+    r.rpush(KEYS.inflight("a1", 1), "z")
+    r.rpush(OTHER.inflight("b1", 2), "w", "v", "u")
+    r.rpush(OTHER.queue, "t")
+
+    first, second = registry.states(r, [KEYS, OTHER])
+
+    assert (first.keys, first.live_servers, first.held, first.queued) == (KEYS, 1, 1, 0)
+    assert (second.keys, second.live_servers, second.held, second.queued) == (OTHER, 1, 3, 1)
+    assert registry.states(r, []) == []
+
+
 def test_a_starting_server_keeps_its_version_alive_past_the_grace_and_only_that(r):
     with registry.starting(r, KEYS, every_s=0.05, grace_s=1.0, listed_s=1.0):
         time.sleep(2.5)  # more than twice the grace: the key lives only because it is refreshed
