@@ -78,16 +78,18 @@ def starting(r: redis.Redis, keys: wire.ModelKeys, every_s: float, grace_s: floa
     announces the version: removed any earlier, the version would be in neither list meanwhile (404)."""
     done = threading.Event()
 
-    def hold() -> None:
-        while True:
-            try:
-                _hold_alive(r, keys, grace_s)
-                _list_starting(r, keys, listed_s)
-            except redis.RedisError:
-                pass  # Redis may come up after us: the server's first beat waits for it and says so
-            if done.wait(every_s):
-                return
+    def hold_once() -> None:
+        try:
+            _hold_alive(r, keys, grace_s)
+            _list_starting(r, keys, listed_s)
+        except redis.RedisError:
+            pass  # Redis may come up after us: the server's first beat waits for it and says so
 
+    def hold() -> None:
+        while not done.wait(every_s):
+            hold_once()
+
+    hold_once()  # from the block's first moment, not from the thread's first turn
     thread = threading.Thread(target=hold, name="starting", daemon=True)
     thread.start()
     loaded = False
