@@ -122,12 +122,14 @@ class Catalog:
                     wanted, version, f"model {wanted!r:.80} has no version {version}; its versions are: {served}"
                 )
             return chosen[0]
-        # While no version has a live server, the highest one alive (its server restarts), not the highest
-        # known: the registry keeps a version a day after its last server left, and a request sent to such
-        # a one was refused at once while the version below restarted.
+        # While no version has a live server: the highest one whose server is starting, else the highest alive
+        # (within NO_SERVER_GRACE_S of its last server), not the highest known. The registry keeps a version a
+        # day after its last server left, and a version that left cleanly stays alive for the grace: sent
+        # there, requests were refused while the version below restarted.
         live = [state for state in versions if state.ready]
+        starting = [state for state in versions if state.keys in self._starting]
         alive = [state for state in versions if state.alive]
-        return (live or alive or versions)[-1]
+        return (live or starting or alive or versions)[-1]
 
     def _missing(self, name: str, version: int | None, unknown: str) -> LookupError:
         """UnknownModel(unknown), unless a model server of the model (version) is loading it, or this worker

@@ -112,17 +112,23 @@ def test_while_the_only_live_model_restarts_a_model_that_left_before_does_not_co
 def test_while_the_only_live_version_restarts_requests_naming_none_wait_for_it(
     model_servers, digits, digits_v2, r, client
 ):
-    """Not for a higher version whose servers left long ago (kept in the registry for a day, as after a rollback)."""
+    """Not for a higher version whose servers left, long ago (kept in the registry for a day, as after a
+    rollback) or just now (alive for NO_SERVER_GRACE_S after a clean stop)."""
     v1, v2 = wire.ModelKeys("digits", 1), wire.ModelKeys("digits", 2)
     seconds, micros = r.time()
     registry.Registration(r, digits_v2.info, "left").beat(seconds + micros / 1e6, ttl_s=0.2, grace_s=0.2)
     wait_until(lambda: not r.exists(v2.alive), 10, "version 2 gone past its grace")
     model_servers.stop(model_servers.start(digits))  # version 1 served, then its server restarts:
-    with registry.starting(r, v1, every_s=1.0, grace_s=60.0, listed_s=5.0):
-        client.application.extensions["serving"].catalog.forget()
-        response = upload(client, DIGIT, timeout_ms="300")  # nothing computes it while the restart lasts
-    assert response.status_code == 504, response.json  # it waited for version 1, where it was queued
-    assert r.llen(v1.queue) == 1 and r.llen(v2.queue) == 0
+    for v2_left_just_now in (False, True):
+        if v2_left_just_now:
+            model_servers.stop(model_servers.start(digits_v2))  # a clean stop leaves the version alive a while
+            assert r.exists(v2.alive)
+        with registry.starting(r, v1, every_s=1.0, grace_s=60.0, listed_s=5.0):
+            client.application.extensions["serving"].catalog.forget()
+            response = upload(client, DIGIT, timeout_ms="300")  # nothing computes it while the restart lasts
+        assert response.status_code == 504, response.json  # it waited for version 1, where it was queued
+        assert r.llen(v1.queue) == 1 and r.llen(v2.queue) == 0
+        r.delete(v1.queue)
 
 
 def test_default_model_setting_picks_the_model(two_models, make_app):
