@@ -28,15 +28,13 @@ import socket
 from functools import partial
 
 import gevent
-from gevent import monkey
 from gevent.server import StreamServer
 from gunicorn import util
 from gunicorn.workers.ggevent import GeventWorker
 
+from serving import sockets
 from settings import Settings
 
-# The standard library's socket, where gevent has patched the module: one to act on a gevent socket's file.
-_PlainSocket = monkey.get_original("socket", "socket")
 # Connections one worker accepts in one turn of its loop, at about 10 µs each.
 ACCEPT_AT_ONCE = 1024
 # How long past REQUEST_TIMEOUT_S a request may still take before its connection is closed: its own 504
@@ -98,12 +96,8 @@ class Worker(GeventWorker):
 def _shut(client: socket.socket) -> None:
     """The kernel's shutdown of a connection, not gevent's: that one fails the read waiting on it with EBADF (a
     traceback in the log), where this one ends it as if the client had closed."""
-    with contextlib.suppress(OSError, ValueError):  # closed meanwhile
-        plain = _PlainSocket(fileno=client.fileno())
-        try:
-            plain.shutdown(socket.SHUT_RDWR)
-        finally:
-            plain.detach()  # the file stays gunicorn's to close
+    with contextlib.suppress(OSError, ValueError), sockets.plain(client) as plain:  # suppressed: closed meanwhile
+        plain.shutdown(socket.SHUT_RDWR)  # the file stays gunicorn's to close
 
 
 def json_error(sock: socket.socket, status_int: int, reason: str, mesg: str) -> None:

@@ -13,9 +13,8 @@ from typing import TypeVar
 
 import redis
 from flask import current_app, g
-from gevent import monkey
 
-from serving import logs, metrics, wire
+from serving import logs, metrics, sockets, wire
 from serving.catalog import Catalog
 from serving.clock import RedisClock
 from serving.inference import InferenceClient
@@ -24,10 +23,6 @@ from settings import Settings
 View = TypeVar("View", bound=Callable)
 
 log = logging.getLogger("web")
-
-# The standard library's socket, also where gevent has patched the module: gevent's own would wait for
-# data to come instead of saying at once that none has.
-_PlainSocket = monkey.get_original("socket", "socket")
 
 
 @dataclass
@@ -98,14 +93,9 @@ def client_gone(environ: dict) -> bool:
     if connection is None:
         return False
     try:
-        probe = _PlainSocket(fileno=connection.fileno())
-    except (OSError, ValueError):  # the server has closed it already
-        return True
-    try:
-        return probe.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
+        with sockets.plain(connection) as probe:
+            return probe.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
     except BlockingIOError:  # open, and nothing more sent yet
         return False
-    except OSError:  # reset by the client
+    except (OSError, ValueError):  # reset by the client, or closed by the server already
         return True
-    finally:
-        probe.detach()  # the connection stays gunicorn's
