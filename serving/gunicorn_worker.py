@@ -72,10 +72,17 @@ class Worker(GeventWorker):
     def handle_exit(self, sig, frame) -> None:  # noqa: ANN001
         """gunicorn's, and the connections that wait for a next request are closed: a stopping worker waits for
         every connection it holds, and one idle between requests (a load balancer's, kept alive) kept it 30 s
-        (keepalive) after its last request was answered. Requests in flight still finish."""
+        (keepalive) after its last request was answered. Requests in flight still finish, and so does one
+        that has come but is not read yet: its connection closes after its answer (the worker is not alive).
+
+        Closed from a greenlet of their own, not in the handler: the signal can come while a greenlet reads a
+        request, idle until it is parsed; it then runs on until it blocks, no longer idle."""
         super().handle_exit(sig, frame)
+        gevent.spawn(self._close_idle)
+
+    def _close_idle(self) -> None:
         for client in list(self.idle):
-            _shut(client)
+            _shut_if_idle(client)
 
     def init_process(self) -> None:
         """gunicorn's, but a stop while it boots ends it. Until its own handlers (Worker.init_signals, after
@@ -93,10 +100,17 @@ class Worker(GeventWorker):
         return server
 
 
-def _shut(client: socket.socket) -> None:
-    """The kernel's shutdown of a connection, not gevent's: that one fails the read waiting on it with EBADF (a
-    traceback in the log), where this one ends it as if the client had closed."""
+def _shut_if_idle(client: socket.socket) -> None:
+    """The kernel's shutdown of a connection on which nothing more has come, not gevent's: that one fails the
+    read waiting on it with EBADF (a traceback in the log), where this one ends it as if the client had closed.
+    A request that came as the stop did (on a SIGHUP, under load, a dozen) is left to be answered: shut, it
+    was read and then lost, and logged as its client's 499."""
     with contextlib.suppress(OSError, ValueError), sockets.plain(client) as plain:  # suppressed: closed meanwhile
+        try:
+            if plain.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT):
+                return
+        except BlockingIOError:  # nothing sent since the last answer
+            pass
         plain.shutdown(socket.SHUT_RDWR)  # the file stays gunicorn's to close
 
 

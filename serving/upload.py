@@ -31,6 +31,7 @@ MAX_TIMEOUT_MS = 999_999_999  # the longest a request may ask for (REQUEST_TIMEO
 TIMEOUT_HEADER = "X-Request-Timeout-Ms"
 # Compressed bodies a client may send (tritonclient's request_compression_algorithm): zlib's window bits for each.
 _CONTENT_ENCODINGS = {"gzip": 16 + zlib.MAX_WBITS, "x-gzip": 16 + zlib.MAX_WBITS, "deflate": zlib.MAX_WBITS}
+_ENCODINGS_TAKEN = "send gzip, deflate or identity, or no Content-Encoding"
 # The most gzip members a body may hold: each costs a copy of the rest of the body, so a body of thousands of
 # empty members kept a web worker busy for seconds (a few files joined with `cat` are a handful).
 MAX_GZIP_MEMBERS = 16
@@ -172,7 +173,7 @@ def _decompressed(data: bytes, encoding: str, limit: int | None) -> bytes:
     """The body unpacked: its gzip members (RFC 1952 allows several, as `cat a.gz b.gz` makes; up to
     MAX_GZIP_MEMBERS), or one deflate stream; nothing may follow."""
     if encoding not in _CONTENT_ENCODINGS:
-        raise ApiError(400, "bad_request", f"Content-Encoding {encoding!r:.40} is not taken: send gzip, deflate, none")
+        raise ApiError(400, "bad_request", f"Content-Encoding {encoding!r:.40} is not taken: {_ENCODINGS_TAKEN}")
     plain, rest = b"", data
     for _ in range(1 if encoding == "deflate" else MAX_GZIP_MEMBERS):
         decompressor = zlib.decompressobj(_CONTENT_ENCODINGS[encoding])

@@ -321,6 +321,22 @@ def test_a_body_that_unpacks_over_the_limit_is_413_and_says_so(r, served, client
     assert "unpacks to over" in assert_rejected(r, served, response, 413, "too_large")["message"]
 
 
+@pytest.mark.parametrize("encoding", ["none", "br", "gzip, identity"])
+def test_a_content_encoding_not_taken_is_refused_naming_those_that_are_and_each_of_those_works(
+    served, client, encoding
+):
+    body = json.dumps({"image": base64.b64encode(PNG).decode()}).encode()
+    packed = {"gzip": gzip.compress(body), "deflate": zlib.compress(body), "identity": body}
+
+    message = send(client, data=body, headers={**JSON, "Content-Encoding": encoding}).json["error"]["message"]
+
+    named = [name for name in packed if name in message]
+    assert named == list(packed), message
+    for name in named:
+        response = send(client, data=packed[name], headers={**JSON, "Content-Encoding": name})
+        assert response.status_code == 200, (name, response.json)
+
+
 def test_a_compressed_form_is_read_as_a_compressed_json_body_is(served, client):
     form = requests.Request("POST", "http://x", files={"image": ("a.png", PNG)}, data={"top_k": "2"}).prepare()
     headers = {"Content-Type": form.headers["Content-Type"], "Content-Encoding": "gzip"}

@@ -150,6 +150,30 @@ def test_a_web_server_stopping_closes_the_connections_kept_alive_between_request
 
 
 @pytest.mark.processes
+def test_a_request_on_a_kept_alive_connection_that_came_before_the_stop_is_answered(redis_url, tmp_path):
+    """A graceful stop or reload (SIGHUP: gunicorn stops its old workers with SIGTERM) closed such a connection
+    too, and the request already received was logged as the client's 499."""
+    port = free_port()
+    env = {"REDIS_URL": redis_url, "PORT": str(port), "WEB_WORKERS": "1"}
+    process = start_python("web_server.py", env, tmp_path / "web.log", inherit_settings=False)
+    try:
+        wait_until(lambda: http_ok(f"http://127.0.0.1:{port}/health"), 60, "the web server", process)
+        worker = int(pathlib.Path(f"/proc/{process.pid}/task/{process.pid}/children").read_text().split()[0])
+        with socket.create_connection(("127.0.0.1", port), timeout=20) as kept:
+            kept.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+            wait_until(lambda: b'"ok"' in kept.recv(4096, socket.MSG_PEEK), 10, "the answer")
+            kept.recv(4096)
+            os.kill(worker, signal.SIGSTOP)  # so that the next request waits unread when the stop comes
+            kept.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+            os.kill(worker, signal.SIGTERM)
+            os.kill(worker, signal.SIGCONT)
+            assert kept.recv(4096).startswith(b"HTTP/1.1 200 ")
+            assert kept.recv(4096) in (b"", b'{"status":"ok"}\n')  # and then closed
+    finally:
+        stop(process, timeout_s=10)
+
+
+@pytest.mark.processes
 def test_a_request_whose_body_stalls_has_its_connection_closed_once_past_its_deadline(make_stack):
     """Not held for good: enough such clients took every connection a web worker may hold."""
     url = urlparse(make_stack().web_server(REQUEST_TIMEOUT_S="1"))  # closed STALL_SLACK_S (15 s) after it
