@@ -120,6 +120,23 @@ def test_served_probabilities_equal_keras_predict_on_numpy_preprocessed_pixels(r
     np.testing.assert_allclose(np.stack([served[i] for i in ids]), expected, atol=1e-5)
 
 
+@pytest.mark.parametrize("mode", ["caffe", "tf", "torch"])
+def test_the_preprocessing_in_the_graph_is_keras_own_on_every_pixel(mode):
+    """The served model's first layers against imagenet_utils.preprocess_input, pixel by pixel."""
+    import keras
+    from keras.applications import imagenet_utils
+
+    image = keras.Input((5, 7, 3))
+    identity = keras.Model(image, keras.layers.Identity()(image))  # the served model then outputs its input
+    pixels = np.random.default_rng(0).integers(0, 256, (4, 5, 7, 3), np.uint8)
+    pixels[0, 0, 0], pixels[0, 0, 1] = (0, 0, 0), (255, 255, 255)
+
+    served = np.asarray(zoo.with_uint8_input(identity, mode).predict_on_batch(pixels))
+
+    expected = imagenet_utils.preprocess_input(pixels.astype(np.float32), data_format="channels_last", mode=mode)
+    np.testing.assert_allclose(served, expected, rtol=1e-6, atol=1e-6)
+
+
 @pytest.mark.parametrize("classes", [10, 64, 65, 1000])
 def test_the_top_k_are_those_a_stable_sort_of_the_whole_row_puts_first(classes):
     """Ties in index order, NaNs last, whatever the row's length (long rows are partitioned first)."""
