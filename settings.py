@@ -26,6 +26,9 @@ LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 MAX_MODEL_VERSION = 10**15 - 1
 # Each of its allowed sizes is compiled and warmed up at start (serving.speed); GPU batches in use are a few hundred.
 MAX_BATCH_SIZE = 4096
+# gunicorn's guide is 2-4 workers a core, and each is a process of about 50 MB with its own Redis connections:
+# 256 is 64 cores' worth. Unbounded, WEB_WORKERS=100000 forked until the host ran out of memory.
+MAX_WEB_WORKERS = 256
 # Durations past a day are mistakes, and past Redis' and the OS's timers (1e300 s overflowed them).
 _DAY_S = 86_400.0
 
@@ -68,7 +71,7 @@ class Settings:
     max_upload_mb: float = _setting(16.0, minimum=0.001)  # MAX_UPLOAD_MB
 
     port: int = _setting(5000, minimum=1, maximum=65535)  # PORT
-    web_workers: int = _setting(2, minimum=1)  # WEB_WORKERS
+    web_workers: int = _setting(2, minimum=1, maximum=MAX_WEB_WORKERS)  # WEB_WORKERS
 
     # Comma-separated bearer keys; empty means the API is open.
     api_keys: frozenset[str] = frozenset()  # API_KEYS
@@ -199,7 +202,7 @@ def _parse(f: dataclasses.Field, raw: str) -> object:
 
 
 def _number(raw: str, kind: type) -> float:
-    if "_" in raw:  # Python's 1_000 is no number in the README, nor in a request's options
+    if "_" in raw or not raw.isascii():  # Python's 1_000 and "７３１０" are no numbers in the README, nor in requests
         raise ValueError(raw)
     if kind is float:
         return float(raw)
