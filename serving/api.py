@@ -75,7 +75,7 @@ def ready() -> tuple[Response, int]:
     ready_models = [state.keys.member for state in states if state.ready]
     body = {"model_servers": servers, "queue_depth": sum(state.queued for state in states), "models": ready_models}
     if servers == 0:
-        reason = _refusing_writes(tier().r) or "no model server is alive"
+        reason = _refusing_writes(tier().r) or tier().catalog.why_none_ready()
         return jsonify(ready=False, reason=reason, **body), 503
     return jsonify(ready=True, **body), 200
 

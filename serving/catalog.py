@@ -83,6 +83,12 @@ class Catalog:
         self._ready_at.update((state.keys, self._read_at) for state in self._states if state.ready)
         return self._states
 
+    def why_none_ready(self) -> str:
+        """What readiness checks say while no version has a live server, as last read."""
+        if self._starting:
+            return f"no model server is alive yet: loading {', '.join(keys.member for keys in self._starting)}"
+        return "no model server is alive"
+
     def forget(self) -> None:
         """Read the registry again on the next look, e.g. once a model turned out to be replaced."""
         self._read_at = None

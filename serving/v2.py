@@ -52,8 +52,9 @@ def live() -> Response:
 @public
 def ready() -> Response:
     """Ready while some model has a live server, as GET /ready: the web tier can serve."""
-    if not any(state.ready for state in tier().catalog.read()):
-        raise ApiError(503, "unavailable", "no model server is alive", {"Retry-After": "1"})
+    catalog = tier().catalog
+    if not any(state.ready for state in catalog.read()):
+        raise ApiError(503, "unavailable", catalog.why_none_ready(), {"Retry-After": "1"})
     return jsonify(ready=True)
 
 

@@ -211,6 +211,17 @@ def test_requests_naming_no_model_are_told_which_one_starts(make_app, r):
             assert response.json["error"]["message"].startswith("colours is starting")
 
 
+def test_readiness_says_which_model_is_loading_while_no_server_is_alive(make_app, r):
+    """Not just "no model server is alive", which sent operators looking for a dead process."""
+    client = make_app().test_client()
+    assert client.get("/ready").json["reason"] == "no model server is alive"
+    with registry.starting(r, wire.ModelKeys("colours", 1), every_s=0.05, grace_s=60.0, listed_s=60.0):
+        ready, v2_ready = client.get("/ready"), client.get("/v2/health/ready")
+
+    assert ready.status_code == 503 and ready.json["reason"].endswith("yet: loading colours:1")
+    assert v2_ready.status_code == 503 and v2_ready.json["error"].endswith("yet: loading colours:1")
+
+
 def test_a_first_beat_between_the_web_tiers_two_reads_still_finds_the_model(served, client, r, monkeypatch):
     """The first beat moves a version from the starting list to the registry in one round trip, and the web
     tier reads the two lists one after the other. Here the beat comes just before the second read."""
