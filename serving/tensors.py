@@ -128,6 +128,8 @@ def _input(tensor: dict, chunk: bytes | None) -> Input:
     shape = _shape(tensor.get("shape"), name)
     if chunk is None and "data" not in tensor:
         raise BadTensor(f'input {name!r} has neither "data" nor binary data')
+    if chunk is not None and "data" in tensor:  # which would count is a guess: told, not guessed
+        raise BadTensor(f'input {name!r} has both "data" and binary data (binary_data_size): send one')
     if datatype == "BYTES":
         elements = _bytes_elements(chunk) if chunk is not None else _strings(tensor["data"], name)
         data: list[str | bytes] | np.ndarray = elements

@@ -269,6 +269,8 @@ def test_binary_data_must_add_up(url, batch):
     files = struct.pack("<I", 100) + b"short"
     cut = {"name": "image", "datatype": "BYTES", "shape": [1], "parameters": {"binary_data_size": len(files)}}
     assert "runs past" in protocol_error(post(url, "digits/infer", {"inputs": [cut]}, files), 400)
+    both = {**tensor, "data": [0] * 64}
+    assert "both" in protocol_error(post(url, "digits/infer", {"inputs": [both]}, pixels.tobytes()), 400)
 
 
 def test_json_output_of_a_json_request_and_binary_of_a_binary_one(url, batch):
