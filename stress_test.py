@@ -382,6 +382,8 @@ class Recorder:
     answered: list[float] = field(default_factory=list)
     # open loop: how late the schedule released each arrival; large when this client fell behind
     schedule_lags: list[float] = field(default_factory=list)
+    # open loop: arrivals that found every one of --connections busy, and waited for one to be free
+    waited_for_connection: int = 0
     ok: int = 0
     # every outcome but 200, finer than the outcome: "503 overloaded" (status and error code), the status
     # alone for an error answer without a code, or the exception name
@@ -529,9 +531,13 @@ class OpenLoop:
 
     def arrive(self, index: int, due: float) -> None:
         self._backlog.put((index, due))
-        if self._backlog.qsize() > self._idle and len(self._clients) < self._size:
+        if self._backlog.qsize() <= self._idle:
+            return
+        if len(self._clients) < self._size:
             self._idle += 1
             self._clients.spawn(send_arrivals, self._arrivals(), self._target, self._timeout, self._rec)
+        else:
+            self._rec.waited_for_connection += 1
 
     def _arrivals(self) -> Iterator[tuple[int, float]]:
         while (arrival := self._backlog.get()) is not None:
@@ -683,6 +689,7 @@ def summarize(rec: Recorder, settings: dict[str, Any]) -> dict[str, Any]:
         "settings": settings,
     }
     if rec.schedule_lags:
+        summary["waited_for_connection"] = rec.waited_for_connection
         p50, p99 = percentiles_ms(rec.schedule_lags, (50, 99))
         summary["schedule_lag_ms"] = {
             "p50": round(p50, 3),
@@ -704,6 +711,18 @@ def bottleneck_warning(summary: dict[str, Any]) -> str | None:
     if not reasons:
         return None
     return f"warning: this client may have been the bottleneck ({'; '.join(reasons)}): the server may take more"
+
+
+def connections_warning(summary: dict[str, Any]) -> str | None:
+    """Say so when an open loop offered less than its rate: arrivals waited for one of its connections."""
+    if not (waited := summary.get("waited_for_connection")):
+        return None
+    connections = summary["settings"]["connections"]
+    return (
+        f"warning: {waited} requests waited for a free connection (all {connections} busy), so fewer than "
+        f"{summary['settings']['rate']:g} a second reached the server; their wait counts in their latency. "
+        "More --connections offer the full rate."
+    )
 
 
 def format_summary(summary: dict[str, Any]) -> str:
@@ -825,6 +844,11 @@ def run(args: argparse.Namespace, target: Target) -> tuple[Recorder, bool]:
         if budget.stopped:
             os._exit(130)
         budget.stop()
+        print(
+            f"\nstopping: no more requests are sent; those in flight get up to --timeout ({args.timeout:g} s) "
+            "for their answers, then the summary. Ctrl-C again quits at once, without one.",
+            file=sys.stderr,
+        )
 
     gevent.signal_handler(signal.SIGINT, interrupted)
     rec = Recorder(warm_up=warm_up)
@@ -861,8 +885,9 @@ def main(argv: list[str] | None = None) -> int:
     if interrupted:  # the planned load was not sent: not a run to take as passed
         summary["interrupted"] = True
     print(format_summary(summary))
-    if warning := bottleneck_warning(summary):
-        print(warning, file=sys.stderr)
+    for warning in (bottleneck_warning(summary), connections_warning(summary)):
+        if warning:
+            print(warning, file=sys.stderr)
     if not summary["requests"]:
         print("stress_test.py: no request was sent", file=sys.stderr)
     outputs = [(args.json, lambda: write_json(summary, args.json)), (args.plot, lambda: write_plot(rec, args.plot))]

@@ -167,8 +167,18 @@ def test_open_loop_sends_rate_times_duration(upstream, tmp_path):
     check_consistent(summary)
     assert 60 <= summary["requests"] <= 100  # 40/s for 2 s; generous, the machine is noisy
     assert summary["settings"]["mode"] == "open" and "schedule_lag_ms" in summary
+    assert summary["waited_for_connection"] == 0 and "free connection" not in done.stderr
     assert uploads(upstream)[digest(path)]["count"] == summary["requests"]
     check_plot(tmp_path)
+
+
+def test_an_open_loop_whose_connections_are_all_busy_says_it_offered_less_than_its_rate(upstream, tmp_path):
+    done, summary = stress(
+        tmp_path, f"{upstream}/hang", image(tmp_path, "x.jpg"), rate=20, duration=1, connections=2, timeout=2
+    )
+    assert done.returncode == 1
+    assert summary["waited_for_connection"] >= 10  # 20 due, 2 sent at once, the rest waited for them
+    assert "waited for a free connection (all 2 busy)" in done.stderr
 
 
 def test_goodput_counts_the_200s_until_the_last_of_them(upstream, tmp_path):
@@ -239,8 +249,9 @@ def test_ctrl_c_reports_what_was_sent_and_exits_1(upstream, tmp_path):
     )
     wait_until(lambda: digest(path) in uploads(upstream), 30, "requests sent", running)
     running.send_signal(signal.SIGINT)
-    stdout, _ = running.communicate(timeout=60)
+    stdout, stderr = running.communicate(timeout=60)
     assert running.returncode == 1 and "interrupted" in stdout
+    assert "Ctrl-C again quits at once" in stderr  # told what it waits for, and how not to
 
 
 def test_timeout_ends_a_run_against_a_hung_server(upstream, tmp_path):
