@@ -106,9 +106,11 @@ def client_bodies(app: Callable) -> Callable:
 
 def read_image(request: Request) -> Upload:
     """The uploaded file's bytes and the options given with it."""
+    _refuse_repeated(request.args)
     if request.is_json:
         return _from_json(request)
     form, files = _form(request)
+    _refuse_repeated(form, files)
     for name in (*OPTIONS, TIMEOUT_OPTION):
         if name in files:  # not silently left out, as if not given: the answer would be another model's
             raise ApiError(400, "bad_request", f"{name} came as a file; send it as a plain field (curl -F {name}=...)")
@@ -121,6 +123,15 @@ def read_image(request: Request) -> Upload:
     if not data:  # also what a browser form sends when no file was chosen
         raise ApiError(400, "missing_image", f"the file in field 'image' is empty; {_HOW}")
     return _upload(data, form, request.args)
+
+
+def _refuse_repeated(*fields: MultiDict) -> None:
+    """A 400 for a field given more than once (in one place): the first was taken, and the others, a second
+    image too, went unanswered without a word."""
+    for name in ("image", *OPTIONS, TIMEOUT_OPTION):
+        if (times := sum(len(given.getlist(name)) for given in fields)) > 1:
+            one = "one image a request (a batch: POST /v2/models/<name>/infer)" if name == "image" else "it once"
+            raise ApiError(400, "bad_request", f"{name!r} came {times} times; send {one}")
 
 
 def _form(request: Request) -> tuple[MultiDict, MultiDict]:
@@ -151,7 +162,7 @@ def _what_came(request: Request, form: MultiDict, files: MultiDict) -> str:
     fields = sorted({*files, *form})
     if fields:
         return f"fields received: {fields}"
-    return f"received a {request.mimetype or 'untyped'} body with no form fields"
+    return f"received {f'a {request.mimetype}' if request.mimetype else 'an untyped'} body with no form fields"
 
 
 def read_body(request: Request) -> bytes:

@@ -174,6 +174,23 @@ SHAPES = {
     "base64 of nothing but padding": (dict(json={"image": "===="}), 400, "invalid_image"),
     "base64 of text": (dict(json={"image": base64.b64encode(b"hello world").decode()}), 400, "invalid_image"),
     "data URL of text": (dict(json={"image": "data:text/plain;base64,aGVsbG8="}), 400, "invalid_image"),
+    "two images": (dict(files=[("image", ("a.png", PNG)), ("image", ("b.png", PNG))]), 400, "bad_request"),
+    "an image and a text field image": (dict(files={"image": ("a.png", PNG)}, data={"image": "x"}), 400, "bad_request"),
+    "top_k twice in the query": (
+        dict(files={"image": ("a.png", PNG)}, params=[("top_k", 2), ("top_k", "abc")]),
+        400,
+        "bad_request",
+    ),
+    "model twice in the form": (
+        dict(files={"image": ("a.png", PNG)}, data=[("model", "digits")] * 2),
+        400,
+        "bad_request",
+    ),
+    "timeout_ms twice in a JSON request's query": (
+        dict(json={"image": base64.b64encode(PNG).decode()}, params=[("timeout_ms", 900), ("timeout_ms", 5)]),
+        400,
+        "bad_request",
+    ),
 }
 
 
