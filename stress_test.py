@@ -76,6 +76,7 @@ CPU_WARNING_PERCENT = 90.0
 CPU_WARNING_MIN_S = 1.0  # a shorter run's CPU share is its own start and end, not a limit on the load
 LAG_WARNING_MS = 10.0
 PERCENTILES = (50, 90, 95, 99)
+OPEN_LOOP_CONNECTIONS = 256
 # Open files besides the client sockets: the interpreter's, numpy's, the outputs.
 SPARE_FILES = 64
 
@@ -149,16 +150,20 @@ def build_parser() -> argparse.ArgumentParser:
     )
     amount = parser.add_mutually_exclusive_group(required=True)
     amount.add_argument("--requests", type=positive(int), metavar="N", help="send N requests in all")
-    amount.add_argument("--duration", type=positive(float), metavar="S", help="send requests for S seconds")
+    amount.add_argument(
+        "--duration",
+        type=positive(float),
+        metavar="S",
+        help="send requests for S seconds (then wait up to --timeout for the answers in flight)",
+    )
     load = parser.add_mutually_exclusive_group()
     load.add_argument("--concurrency", type=positive(int), metavar="C", help="closed loop with C clients (default: 1)")
     load.add_argument("--rate", type=positive(float), metavar="R", help="open loop at R requests a second")
     parser.add_argument(
         "--connections",
         type=positive(int),
-        default=256,
         metavar="K",
-        help="open loop only: at most K connections at once (default: 256)",
+        help=f"open loop only: at most K connections at once (default: {OPEN_LOOP_CONNECTIONS})",
     )
     parser.add_argument(
         "--timeout",
@@ -869,8 +874,11 @@ def main(argv: list[str] | None = None) -> int:
         args.concurrency = 1
     if args.warm_up and args.duration is None:
         parser.error("--warm-up goes with --duration")
+    if args.connections is not None and args.rate is None:
+        parser.error("--connections goes with --rate (closed loop: each of --concurrency C clients has one)")
+    args.connections = args.connections or OPEN_LOOP_CONNECTIONS
     for option, path in (("--json", args.json), ("--plot", args.plot)):
-        if path and (problem := output_problem(path, plot=option == "--plot")):
+        if path is not None and (problem := output_problem(path, plot=option == "--plot")):
             parser.error(f"{option} {path}: {problem}")  # before the run, not after it
     try:
         target = build_target(args.url, args.image)
@@ -898,6 +906,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def output_problem(path: str, plot: bool) -> str | None:
     """Why --json or --plot could not write `path`, in words; None when nothing shows yet."""
+    if not path:
+        return "name a file"
     folder = os.path.dirname(os.path.abspath(path))
     if os.path.isdir(path):
         return f"{path} is a directory; name a file in it"

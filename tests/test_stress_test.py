@@ -319,6 +319,8 @@ def test_an_early_answer_to_a_large_upload_is_counted(tmp_path):
         (["--image", "{image}", "--requests", "1", "--plot", "out.txt"], "must end in an image format"),
         (["--image", "{image}", "--requests", "1", "--json", "nowhere/out.json"], "no such directory"),
         (["--image", "{image}", "--requests", "1", "--json", "."], ". is a directory"),
+        (["--image", "{image}", "--requests", "1", "--json", ""], "--json : name a file"),
+        (["--image", "{image}", "--requests", "1", "--connections", "8"], "--connections goes with --rate"),
     ],
 )
 def test_usage_errors_exit_2(tmp_path, args, message):
