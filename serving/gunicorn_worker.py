@@ -41,9 +41,9 @@ ACCEPT_AT_ONCE = 1024
 # How long past REQUEST_TIMEOUT_S a request may still take before its connection is closed: its own 504
 # comes at the deadline, and a hung Redis can cost two 5 s socket timeouts after it.
 STALL_SLACK_S = 15.0
-# A stopping worker closes a kept-alive connection once it has been quiet this long since its last answer. A
-# client sends its next request at once or after a pause: closed at once, a connection whose client was just
-# sending lost that request (a SIGHUP under the load of 32 clients: 9 of them).
+# A stopping worker closes a kept-alive connection once it has been quiet this long: no answer sent, no byte
+# received. A client sends its next request at once or after a pause: closed at once, a connection whose client
+# was just sending lost that request (a SIGHUP under the load of 32 clients: 9 of them).
 QUIET_S = 0.5
 
 
@@ -79,7 +79,8 @@ class Worker(GeventWorker):
         """gunicorn's, and the connections that wait for a next request are closed: a stopping worker waits for
         every connection it holds, and one idle between requests (a load balancer's, kept alive) kept it 30 s
         (keepalive) after its last request was answered. Requests in flight still finish, and so do those that
-        come on a connection within QUIET_S of its last answer: it closes after theirs (the worker is not alive).
+        come on a connection before it has been quiet for QUIET_S: it closes after theirs (the worker is not
+        alive).
 
         Closed from a greenlet of their own, not in the handler: the signal can come while a greenlet reads a
         request, idle until it is parsed; it then runs on until it blocks, no longer idle."""
@@ -92,7 +93,7 @@ class Worker(GeventWorker):
             quiet_since = time.monotonic() - QUIET_S
             for client, since in list(self.idle.items()):
                 if since <= quiet_since:
-                    _shut_if_idle(client)
+                    _shut_if_quiet(client)
             gevent.sleep(QUIET_S / 5)
 
     def init_process(self) -> None:
@@ -111,18 +112,15 @@ class Worker(GeventWorker):
         return server
 
 
-def _shut_if_idle(client: socket.socket) -> None:
-    """The kernel's shutdown of a connection on which nothing more has come, not gevent's: that one fails the
-    read waiting on it with EBADF (a traceback in the log), where this one ends it as if the client had closed.
-    A request that came as the stop did (on a SIGHUP, under load, a dozen) is left to be answered: shut, it
-    was read and then lost, and logged as its client's 499."""
+def _shut_if_quiet(client: socket.socket) -> None:
+    """The kernel's shutdown of a connection on which nothing has come for QUIET_S, not gevent's: that one fails
+    the read waiting on it with EBADF (a traceback in the log), where this one ends it as if the client had
+    closed. A request that came as the stop did is left to be answered: shut, it was read and then lost, and
+    logged as its client's 499. So is the head of one gunicorn has begun to read, which waits in no buffer of
+    the kernel's any more: the kernel says when data last came."""
     with contextlib.suppress(OSError, ValueError), sockets.plain(client) as plain:  # suppressed: closed meanwhile
-        try:
-            if plain.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT):
-                return
-        except BlockingIOError:  # nothing sent since the last answer
-            pass
-        plain.shutdown(socket.SHUT_RDWR)  # the file stays gunicorn's to close
+        if not sockets.received_within(plain, QUIET_S):
+            plain.shutdown(socket.SHUT_RDWR)  # the file stays gunicorn's to close
 
 
 def json_error(sock: socket.socket, status_int: int, reason: str, mesg: str) -> None:
