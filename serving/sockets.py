@@ -27,14 +27,20 @@ def plain(connection: socket.socket) -> Iterator[socket.socket]:
         sock.detach()
 
 
+def waiting(sock: socket.socket) -> bytes | None:
+    """The next byte waiting unread on a connection, left there; b"" once the other end has closed (and all it
+    sent is read), None while nothing more has come. Raises OSError when the connection was reset."""
+    try:
+        return sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+    except BlockingIOError:
+        return None
+
+
 def received_within(sock: socket.socket, seconds: float) -> bool:
     """Whether bytes came on a TCP connection within the last `seconds`, read by now or not: any waiting unread,
     or (on Linux) data the kernel received that recently."""
-    try:
-        if sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT):
-            return True
-    except BlockingIOError:  # nothing unread
-        pass
+    if waiting(sock):
+        return True
     if not hasattr(socket, "TCP_INFO") or sock.family not in (socket.AF_INET, socket.AF_INET6):
         return False
     info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, _TCP_INFO_SIZE)

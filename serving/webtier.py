@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import hmac
 import logging
-import socket
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -94,8 +93,6 @@ def client_gone(environ: dict) -> bool:
         return False
     try:
         with sockets.plain(connection) as probe:
-            return probe.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
-    except BlockingIOError:  # open, and nothing more sent yet
-        return False
+            return sockets.waiting(probe) == b""  # None: open, and nothing more sent yet
     except (OSError, ValueError):  # reset by the client, or closed by the server already
         return True
