@@ -174,7 +174,7 @@ class ServerQueue:
                 return False
             pipe.multi()
             for inbox, payloads in by_inbox.items():
-                pipe.rpush(inbox, *payloads)
+                pipe.xadd(inbox, wire.inbox_entry(payloads))
                 pipe.pexpire(inbox, int(ttl_s * 1000))  # a dead worker's inbox goes away by itself
             if taken is None:
                 pipe.delete(inflight)

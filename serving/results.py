@@ -1,10 +1,11 @@
 """Answers for one web worker's requests: one reader per model hands each answer to the request waiting for it.
 
-The model servers push every answer meant for this worker onto one list per model
-(wire.ModelKeys.inbox). A reader thread per model pops them in bulk and wakes the waiting request.
-However many requests wait, a worker holds one blocking Redis connection per model it has sent
-jobs to, not one per request. Answers whose client gave up are popped and dropped like the rest,
-so none stays behind in Redis; the inbox of a worker that died expires after RESULT_TTL_S.
+The model servers add every answer meant for this worker to one stream per model
+(wire.ModelKeys.inbox), an entry per batch. A reader thread per model reads them in bulk, wakes the
+waiting requests and deletes what it read. However many requests wait, a worker holds one blocking
+Redis connection per model it has sent jobs to, not one per request. Answers whose client gave up
+are read and dropped like the rest, so none stays behind in Redis; the inbox of a worker that died
+expires after RESULT_TTL_S.
 While requests wait, the reader also looks once a READ_BLOCK_S whether their model version still has
 a model server (its "alive" key, serving.registry): once none has been alive for NO_SERVER_GRACE_S,
 when new requests are refused, the waiting ones are answered "unavailable" too instead of a 504 at
@@ -33,9 +34,9 @@ from serving import wire
 
 log = logging.getLogger("web")
 
-# How long one blocking pop lasts before the reader looks at the stop flag again.
+# How long one blocking read lasts before the reader looks at the stop flag again.
 READ_BLOCK_S = 1.0
-# Answers popped in one round trip when many are waiting.
+# Inbox entries (each a batch's answers for this worker) read in one round trip when many are waiting.
 READ_BATCH = 1000
 
 
@@ -126,20 +127,37 @@ class Inbox:
     def _read(self, keys: wire.ModelKeys) -> None:
         inbox, waiting = keys.inbox(self.worker_id), self._waiters[keys]
         looked, redis_run = -math.inf, _Run()
+        delivered: list[bytes] = []  # ids of the entries handed on, deleted with the next read
         while not self._closed.is_set():
             try:
                 if time.monotonic() - looked >= READ_BLOCK_S:
                     looked = time.monotonic()
                     self._look(keys, waiting, redis_run)
-                popped = self.r.blmpop(READ_BLOCK_S, 1, inbox, direction="LEFT", count=READ_BATCH)
-                for raw in popped[1] if popped else ():
-                    self._deliver(waiting, raw)
+                entries = self._next_entries(inbox, delivered)
+                delivered = []
+                for entry_id, answers in entries:
+                    for raw in answers.values():
+                        self._deliver(waiting, raw)
+                    delivered.append(entry_id)
             except redis.RedisError as exc:
                 log.warning("reading answers from %s failed: %s", inbox, exc)
                 self._closed.wait(1.0)
             except Exception:  # a reader that died would leave every later request of its model to time out
                 log.exception("reading answers from %s failed", inbox)
                 self._closed.wait(1.0)
+
+    def _next_entries(self, inbox: str, delivered: list[bytes]) -> list[tuple[bytes, dict[bytes, bytes]]]:
+        """Delete the entries handed on, then wait up to READ_BLOCK_S for more: one round trip.
+
+        Read, not popped: a read whose reply never arrives (Redis stalled past the socket timeout, then
+        ran the read sent meanwhile for a connection already closed) leaves the answers for the next one.
+        A pop there took them to nobody, and their clients waited out their deadlines for a 504."""
+        with self.r.pipeline(transaction=False) as pipe:
+            if delivered:
+                pipe.xdel(inbox, *delivered)  # by id: a late or repeated delete removes nothing else
+            pipe.xread({inbox: "0-0"}, count=READ_BATCH, block=int(READ_BLOCK_S * 1000))
+            *_, read = pipe.execute()
+        return read[0][1] if read else []
 
     def _look(self, keys: wire.ModelKeys, waiting: dict[str, _Waiter], redis_run: _Run) -> None:
         """Answer every waiting request LOST when Redis has restarted since the last look, or "unavailable"

@@ -95,8 +95,13 @@ class ModelKeys:
         return self._key("inflight", server_id, str(slot))
 
     def inbox(self, worker_id: str) -> str:
-        """List of answers for the requests of one web worker."""
+        """Stream of answers for the requests of one web worker: an entry per batch (inbox_entry)."""
         return self._key("inbox", worker_id)
+
+
+def inbox_entry(answers: list[str]) -> dict[str, str]:
+    """One batch's encoded Results for one web worker as the fields of one inbox entry, named by position."""
+    return {str(n): answer for n, answer in enumerate(answers)}
 
 
 @dataclass(frozen=True)

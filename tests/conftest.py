@@ -210,6 +210,11 @@ def inflight(r: redis.Redis, keys: wire.ModelKeys) -> list[str]:
     return [job.request_id for job in _inflight_jobs(r, keys)]
 
 
+def in_inbox(r: redis.Redis, inbox: str) -> list[wire.Result]:
+    """Every answer waiting in one web worker's inbox, oldest first."""
+    return [wire.Result.decode(raw) for _, entry in r.xrange(inbox) for raw in entry.values()]
+
+
 def held(r: redis.Redis, keys: wire.ModelKeys) -> list[wire.Job]:
     """Every job of one model not answered yet: queued, or in a model server's in-flight lists."""
     return [wire.Job.decode(raw) for raw in r.lrange(keys.queue, 0, -1)] + _inflight_jobs(r, keys)

@@ -29,7 +29,7 @@ from scripts.processes import REPO, wait_until
 from serving import connections, queue, wire
 from serving.results import Inbox
 from settings import Settings
-from tests.conftest import DIGITS, frozen, held, post_image, probabilities
+from tests.conftest import DIGITS, frozen, held, in_inbox, post_image, probabilities
 
 MODELS = (wire.ModelKeys("digits", 1), wire.ModelKeys("digits", 2))
 # The name every connection of the Inbox's client gives itself, so CLIENT LIST tells them from the
@@ -117,16 +117,16 @@ def test_every_waiting_request_gets_its_own_answer_over_one_connection_per_model
     random.Random(count).shuffle(answers)
     half = len(answers) // 2
     push_answers(r, answers[:half], ttl_s)
-    r.rpush(MODELS[0].inbox(inbox.worker_id), b"not json", b'{"top": [[3, 1.0]]}')  # unreadable: no request id
+    r.xadd(MODELS[0].inbox(inbox.worker_id), wire.inbox_entry(["not json", '{"top": [[3, 1.0]]}']))  # no request id
     push_answers(r, answers[half:], ttl_s)
 
     assert waiting.join() == own  # every one its own answer, none missing, none another's
     assert set(gave_up.values()) == {None} and inbox.waiting == 0
-    # What nobody waited for was popped and dropped: nothing of this worker's stays in Redis.
-    wait_until(lambda: not any(r.exists(keys.inbox(inbox.worker_id)) for keys in MODELS), 10, "every answer popped")
+    # What nobody waited for was read and dropped: no answer for this worker stays in Redis.
+    wait_until(lambda: not any(in_inbox(r, keys.inbox(inbox.worker_id)) for keys in MODELS), 10, "every answer read")
     # A dead worker's answers wait for nobody: they are gone RESULT_TTL_S after the last was pushed.
     for keys in MODELS:
-        assert r.llen(keys.inbox(GONE)) == OTHERS // len(MODELS)
+        assert len(in_inbox(r, keys.inbox(GONE))) == OTHERS // len(MODELS)
         assert 0 < r.pttl(keys.inbox(GONE)) <= ttl_s * 1000
 
 

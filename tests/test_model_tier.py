@@ -22,6 +22,7 @@ from serving import queue, registry, wire, zoo
 from serving.batch import top_classes
 from serving.clock import RedisClock
 from serving.speed import allowed_sizes, padded
+from tests.conftest import in_inbox
 
 WORKER = "worker-a"
 FAR = 3600.0  # seconds: a deadline nothing comes near
@@ -69,7 +70,7 @@ def submit(r, servable, n: int, deadline_s: float = FAR, prefix: str = "j", top_
 
 def answers(r, servable) -> list[wire.Result]:
     inbox = wire.ModelKeys(servable.info.name, servable.info.version).inbox(WORKER)
-    return [wire.Result.decode(raw) for raw in r.lrange(inbox, 0, -1)]
+    return in_inbox(r, inbox)
 
 
 def wait_answered(r, servable, n: int) -> list[wire.Result]:

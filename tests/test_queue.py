@@ -11,6 +11,7 @@ import redis
 
 from scripts.processes import wait_until
 from serving import queue, registry, wire
+from tests.conftest import in_inbox
 
 KEYS = wire.ModelKeys("digits", 1)
 OTHER = wire.ModelKeys("digits", 2)
@@ -78,7 +79,7 @@ def test_answers_reach_each_web_workers_inbox_and_clear_the_inflight_list(r, ali
 
     server.answer(0, [(j.reply_to, wire.Result(j.request_id, top=((7, 1.0),))) for j in taken], ttl_s=30)
 
-    inbox = {w: [wire.Result.decode(m).request_id for m in r.lrange(KEYS.inbox(w), 0, -1)] for w in ("w1", "w2")}
+    inbox = {w: [result.request_id for result in in_inbox(r, KEYS.inbox(w))] for w in ("w1", "w2")}
     assert inbox == {"w1": ["a", "c"], "w2": ["b"]}
     assert 0 < r.pttl(KEYS.inbox("w1")) <= 30_000  # a dead worker's answers do not stay
     assert not r.exists(KEYS.inflight("s1", 0))
@@ -111,7 +112,7 @@ def test_a_server_taken_for_dead_that_answers_after_all_delivers_nothing_and_the
     taken = [wire.Job.decode(m) for m in peer.take(0, 2, 0, 0.1)]
     assert peer.answer(0, [(j.reply_to, wire.Result(j.request_id, top=((7, 1.0),))) for j in taken], ttl_s=30)
 
-    assert sorted(wire.Result.decode(m).request_id for m in r.lrange(KEYS.inbox("worker-a"), 0, -1)) == ["a", "b"]
+    assert sorted(result.request_id for result in in_inbox(r, KEYS.inbox("worker-a"))) == ["a", "b"]
 
 
 def test_a_server_taken_for_dead_halfway_through_a_take_takes_no_more_into_that_batch(r, alive):
@@ -249,7 +250,7 @@ def test_malformed_messages_are_taken_as_they_are_and_dropped_with_their_batch(r
 
     assert taken[:3] == junk and ids(taken[3:]) == ["real"]
     assert not r.exists(KEYS.inflight("s1", 0)) and r.llen(KEYS.queue) == 0
-    assert [wire.Result.decode(m).request_id for m in r.lrange(KEYS.inbox("w1"), 0, -1)] == ["real"]
+    assert [result.request_id for result in in_inbox(r, KEYS.inbox("w1"))] == ["real"]
 
 
 def test_a_batch_with_nothing_to_answer_still_clears_its_inflight_list(r, alive):
@@ -319,5 +320,5 @@ def test_answering_some_of_a_slot_keeps_the_others_held(r, alive):
     server.answer(0, [("w1", wire.Result("a", top=((7, 1.0),))), ("w1", wire.Result("c", top=((7, 1.0),)))], 30, [0, 2])
 
     assert ids(r.lrange(KEYS.inflight("s1", 0), 0, -1)) == ["b"]
-    assert [wire.Result.decode(m).request_id for m in r.lrange(KEYS.inbox("w1"), 0, -1)] == ["a", "c"]
+    assert [result.request_id for result in in_inbox(r, KEYS.inbox("w1"))] == ["a", "c"]
     assert server.give_back() == 1 and ids(r.lrange(KEYS.queue, 0, -1)) == ["b"]

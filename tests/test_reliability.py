@@ -13,9 +13,12 @@ import json
 import os
 import pickle
 import signal
+import socket
 import subprocess
 import sys
+import threading
 import time
+import urllib.parse
 from concurrent.futures import Future, ThreadPoolExecutor
 
 import numpy as np
@@ -26,8 +29,9 @@ from flask import Flask
 
 import model_server
 from scripts.processes import REPO, stop, wait_until
-from serving import catalog, wire, zoo
+from serving import catalog, connections, queue, wire, zoo
 from serving.clock import RedisClock
+from serving.results import READ_BLOCK_S, Inbox
 from settings import Settings
 from tests.conftest import (
     DIGIT,
@@ -37,6 +41,7 @@ from tests.conftest import (
     assert_rejected,
     frozen,
     held,
+    in_inbox,
     inflight,
     over_http,
     post_image,
@@ -229,6 +234,68 @@ def test_a_hung_redis_is_waited_out_once_by_concurrent_looks_at_the_models_not_o
     assert len(reads) == 1  # the other three were told at once; each used to wait its own socket timeout
 
 
+class RepliesLost:
+    """A TCP proxy in front of Redis that, while `losing`, drops what Redis sends back: as a reply is lost when
+    Redis stalls past a client's socket timeout, then runs the command the client sent meanwhile."""
+
+    def __init__(self, redis_port: int) -> None:
+        self.losing = False
+        self.lost = 0  # bytes of replies dropped
+        self._redis_port = redis_port
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.url = f"redis://127.0.0.1:{self._listener.getsockname()[1]}/0"
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self._listener.accept()
+            except OSError:  # closed
+                return
+            upstream = socket.create_connection(("127.0.0.1", self._redis_port))
+            threading.Thread(target=self._pump, args=(client, upstream, False), daemon=True).start()
+            threading.Thread(target=self._pump, args=(upstream, client, True), daemon=True).start()
+
+    def _pump(self, source: socket.socket, sink: socket.socket, replies: bool) -> None:
+        with source, sink:
+            try:
+                while data := source.recv(65536):
+                    if replies and self.losing:
+                        self.lost += len(data)
+                    else:
+                        sink.sendall(data)
+            except OSError:  # the other direction closed both
+                pass
+
+    def close(self) -> None:
+        self._listener.close()
+
+
+def blocked(r: redis.Redis, name: str) -> bool:
+    """Whether a connection of that name waits in a blocking command."""
+    return any(client["name"] == name and "b" in client["flags"] for client in r.client_list())
+
+
+def test_answers_whose_read_reply_was_lost_are_read_again(r, redis_url):
+    proxy = RepliesLost(urllib.parse.urlparse(redis_url).port)
+    inbox = Inbox(connections.connect(proxy.url, socket_timeout=READ_BLOCK_S + 1, name="lossy-reader"))
+    r.set(DIGITS.alive, 1)  # a model server lives: nobody is answered "unavailable"
+    server = queue.ServerQueue(r, DIGITS, "s1")
+    try:
+        with inbox.expect(DIGITS, ["a"]) as expected:
+            wait_until(lambda: blocked(r, "lossy-reader"), 10, "the reader waiting for answers")
+            proxy.losing = True
+            r.lpush(DIGITS.inflight("s1", 0), "taken")  # a job the model server took, answered now
+            assert server.answer(0, [(inbox.worker_id, wire.Result("a", top=((3, 1.0),)))], ttl_s=30)
+            wait_until(lambda: proxy.lost, 10, "the reply that carried the answer lost")
+            proxy.losing = False
+            got = expected.wait(30)  # the reader's socket times out, and it reads again
+    finally:
+        inbox.close()
+        proxy.close()
+    assert got["a"].top == ((3, 1.0),)  # a pop would have taken it from Redis to nobody
+
+
 def test_ready_says_when_redis_refuses_writes_rather_than_that_no_model_server_lives(own_redis, settings, make_app):
     url, _ = own_redis()
     client = make_app(redis_url=url).test_client()
@@ -248,8 +315,8 @@ def children(pid: int) -> list[int]:
 
 
 def inbox_readers(r: redis.Redis) -> int:
-    """Connections whose last command was a web worker's blocking pop of its inbox."""
-    return sum(1 for client in r.client_list() if client["cmd"] == "blmpop")
+    """Connections whose last command was a web worker's blocking read of its inbox."""
+    return sum(1 for client in r.client_list() if client["cmd"] == "xread")
 
 
 @pytest.mark.processes
@@ -269,20 +336,20 @@ def test_a_web_worker_killed_holding_requests_loses_none_of_the_other_workers_an
         for job in held(r, DIGITS):
             jobs.setdefault(job.reply_to, set()).add(job.request_id)
         os.kill(children(stack.processes[-1].pid)[0], signal.SIGKILL)  # one of the two, whichever
-        # Until Redis has dropped the dead worker's blocked reader, it may still pop answers onto its closed socket.
+        # Until Redis has dropped the dead worker's blocked reader, it may still read answers onto its closed socket.
         wait_until(lambda: inbox_readers(r) == 1, 10, "the dead worker's reader gone")
     outcomes = [f.exception(timeout=60) or f.result() for f in futures]
     answered = [each for each in outcomes if isinstance(each, requests.Response)]
     failed = [each for each in outcomes if not isinstance(each, requests.Response)]
     wait_until(lambda: held(r, DIGITS) == [], 30, "every job answered")
 
-    (dead,) = [worker for worker in jobs if r.exists(DIGITS.inbox(worker))]  # its answers wait for nobody
+    (dead,) = [worker for worker in jobs if in_inbox(r, DIGITS.inbox(worker))]  # its answers wait for nobody
     (alive,) = set(jobs) - {dead}
     assert [response.status_code for response in answered] == [200] * len(answered)
     assert {response.headers["X-Request-ID"] for response in answered} == jobs[alive]  # every one, each its own
     assert all(response.json()["predictions"][0]["label"] == "3" for response in answered)
     assert len(failed) == len(jobs[dead]) and all(isinstance(e, requests.ConnectionError) for e in failed)
-    left = [wire.Result.decode(raw).request_id for raw in r.lrange(DIGITS.inbox(dead), 0, -1)]
+    left = [result.request_id for result in in_inbox(r, DIGITS.inbox(dead))]
     assert sorted(left) == sorted(jobs[dead]) and 0 < r.pttl(DIGITS.inbox(dead)) <= Settings().result_ttl_s * 1000
     # gunicorn replaces the dead worker, and the replacement serves (once it has, a SIGTERM finds no worker
     # still booting: one would hold gunicorn's exit until it is killed).
@@ -362,9 +429,9 @@ def test_jobs_a_server_cannot_compute_are_answered_at_once_with_why(r, model_ser
     r.lpush(DIGITS.queue, wire.Job("old", "w1", np.zeros((28, 28, 1), np.uint8), 1e12, 3).encode())
     model_servers.start(digits)
 
-    wait_until(lambda: r.llen(DIGITS.inbox("w1")) == 2, 10, "both answered")
+    wait_until(lambda: len(in_inbox(r, DIGITS.inbox("w1"))) == 2, 10, "both answered")
 
-    answers = {a.request_id: a for a in map(wire.Result.decode, r.lrange(DIGITS.inbox("w1"), 0, -1))}
+    answers = {a.request_id: a for a in in_inbox(r, DIGITS.inbox("w1"))}
     assert {i: a.error_code for i, a in answers.items()} == {"bad": "malformed", "old": "model_changed"}
     assert "(8, 8, 1)" in answers["old"].error
     assert model_servers.computed == [] and model_servers.counted("model_changed") == 1
