@@ -79,7 +79,6 @@ def main() -> int:
         signal.signal(sig, lambda *_: sys.exit(0))
     settings = Settings.from_env()
     logs.setup("model_server", settings)
-    use_threads(settings.model_threads)
     name = connections.client_name("model", settings.model_name)
     r = connections.connect(settings.redis_url, socket_timeout=BLOCK_S + 5, name=name)
     keys = wire.ModelKeys(settings.model_name, settings.model_version)
@@ -99,6 +98,7 @@ def main() -> int:
 def warmed_up(settings: Settings, r: redis.Redis) -> ModelServer:
     """A model server with its model loaded and warmed up, that stops on SIGTERM or Ctrl-C; raises
     zoo.ModelUnavailable when the model cannot be loaded."""
+    use_threads(settings.model_threads)  # imports the backend: seconds, while the version is listed as starting
     servable = load(settings)
     import keras  # loaded by zoo.load already: which backend it runs on is worth a line in the log
 

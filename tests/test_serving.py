@@ -248,6 +248,36 @@ def test_a_model_server_stopped_while_it_loads_its_model_exits_0(redis_url, r, t
     assert "serving" not in [line["message"] for line in Stack.log_lines(tmp_path / "model.log")]  # never served
 
 
+# Runs model_server.py and, at its first import of Keras, says whether its version is listed as starting.
+LISTED_AT_FIRST_IMPORT = """
+import os, runpy, sys
+import redis
+
+key, member = sys.argv[1:]
+
+class FirstImport:
+    def find_spec(self, name, path=None, target=None):
+        if name == "keras":
+            listed = redis.Redis.from_url(os.environ["REDIS_URL"]).zscore(key, member)
+            print("listed" if listed else "not listed", flush=True)
+            os._exit(0)
+
+sys.meta_path.insert(0, FirstImport())
+sys.argv = ["model_server.py"]
+runpy.run_path("model_server.py", run_name="__main__")
+"""
+
+
+@pytest.mark.parametrize("threads", ["0", "1"])
+@pytest.mark.processes
+def test_a_model_server_lists_its_version_as_starting_before_it_imports_keras(redis_url, r, threads):
+    # Importing the backend takes seconds; a version not listed meanwhile was a 404 "has no version" to clients.
+    env = {"REDIS_URL": redis_url, "MODEL": "digits", "MODEL_THREADS": threads}
+    command = [sys.executable, "-c", LISTED_AT_FIRST_IMPORT, wire.STARTING, wire.ModelKeys("digits", 1).member]
+    done = subprocess.run(command, cwd=REPO, env={**os.environ, **env}, capture_output=True, text=True, timeout=120)
+    assert done.stdout.strip() == "listed", done.stdout + done.stderr
+
+
 @pytest.mark.processes
 def test_missing_imagenet_weights_stop_the_model_server_with_directions(redis_url, tmp_path):
     # A dead proxy makes sure no test ever downloads weights, with or without internet.
