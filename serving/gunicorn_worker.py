@@ -31,6 +31,7 @@ from functools import partial
 import gevent
 from gevent.server import StreamServer
 from gunicorn import util
+from gunicorn.http.body import Body
 from gunicorn.workers.ggevent import GeventWorker
 
 from serving import sockets
@@ -45,6 +46,11 @@ STALL_SLACK_S = 15.0
 # received. A client sends its next request at once or after a pause: closed at once, a connection whose client
 # was just sending lost that request (a SIGHUP under the load of 32 clients: 9 of them).
 QUIET_S = 0.5
+# Bytes read at a time from a body the app left unread, before the other connections get a turn.
+DISCARD_STEP = 64 * 1024
+# The pause after each: above 0, so that gevent polls the other connections first (sleep(0) may run this greenlet
+# again before it does).
+DISCARD_PAUSE_S = 0.0001
 
 
 class Worker(GeventWorker):
@@ -61,12 +67,16 @@ class Worker(GeventWorker):
         finally:
             self.idle.pop(client, None)
 
-    def handle_request(self, listener_name, req, sock, addr) -> bool:  # noqa: ANN001
-        """gunicorn's, within request_limit_s: past it, the connection is closed with nothing more sent."""
+    def handle_request(self, listener_name, req, sock, addr) -> None:  # noqa: ANN001
+        """gunicorn's, within request_limit_s: past it, the connection is closed with nothing more sent. A
+        connection kept open has what the app left of the body read first, and is closed if it does not come
+        within keepalive."""
         self.idle.pop(sock, None)
         try:
             with gevent.Timeout(self.request_limit_s) as limit:
-                return super().handle_request(listener_name, req, sock, addr)
+                super().handle_request(listener_name, req, sock, addr)  # StopIteration: to be closed
+            if not _discarded(req.body, self.cfg.keepalive):
+                raise StopIteration
         except gevent.Timeout as exc:
             if exc is not limit:
                 raise
@@ -121,6 +131,20 @@ def _shut_if_quiet(client: socket.socket) -> None:
     with contextlib.suppress(OSError, ValueError), sockets.plain(client) as plain:  # suppressed: closed meanwhile
         if not sockets.received_within(plain, QUIET_S):
             plain.shutdown(socket.SHUT_RDWR)  # the file stays gunicorn's to close
+
+
+def _discarded(body: Body, within_s: float) -> bool:
+    """Whether the rest of a body the app left unread (answered 413, refused, or sent to a route that takes none)
+    was read and dropped within within_s, so that its connection can carry a next request.
+
+    gunicorn would drain it itself before reading the next request, but without ever yielding while data kept
+    coming: a client that declared a 1 TB body (or an endless chunked one) and sent at full speed after its answer
+    held the worker's every other connection until gunicorn killed the worker, and its requests with it."""
+    with contextlib.suppress(Exception), gevent.Timeout(within_s, False):  # malformed chunks, a client gone
+        while body.read(DISCARD_STEP):
+            gevent.sleep(DISCARD_PAUSE_S)  # the worker's other connections get their turn
+        return True
+    return False
 
 
 def json_error(sock: socket.socket, status_int: int, reason: str, mesg: str) -> None:

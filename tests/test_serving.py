@@ -211,6 +211,44 @@ def test_a_request_whose_body_stalls_has_its_connection_closed_once_past_its_dea
     assert http_ok(f"http://{url.netloc}/health")
 
 
+ENDLESS_BODIES = {  # a header announcing it, and what comes of it again and again
+    "declared 1 TB": (b"Content-Length: 1099511627776", b"x" * 2**20),
+    "chunked": (b"Transfer-Encoding: chunked", b"100000\r\n" + b"x" * 2**20 + b"\r\n"),
+}
+
+
+@pytest.mark.processes
+@pytest.mark.parametrize("body", ENDLESS_BODIES.values(), ids=ENDLESS_BODIES.keys())
+def test_a_client_sending_a_body_nobody_reads_leaves_the_worker_to_its_other_clients(redis_url, tmp_path, body):
+    """After its answer gunicorn read what was left of the body without yielding: a client sending one endless
+    body at full speed held every other connection of its worker until gunicorn killed it."""
+    announced, again = body
+    port = free_port()
+    env = {"REDIS_URL": redis_url, "PORT": str(port), "WEB_WORKERS": "1"}
+    process = start_python("web_server.py", env, tmp_path / "web.log", inherit_settings=False)
+    flooding = threading.Event()
+
+    def flood(sock: socket.socket) -> None:
+        with contextlib.suppress(OSError):  # the server closes it, in the end
+            while flooding.is_set():
+                sock.sendall(again)
+
+    try:
+        wait_until(lambda: http_ok(f"http://127.0.0.1:{port}/health"), 60, "the web server", process)
+        with socket.create_connection(("127.0.0.1", port), timeout=20) as endless:
+            endless.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n" + announced + b"\r\n\r\n")
+            assert endless.recv(4096).startswith(b"HTTP/1.1 200 ")  # answered without reading the body
+            flooding.set()
+            threading.Thread(target=flood, args=(endless,), daemon=True).start()
+            answer = requests.get(f"http://127.0.0.1:{port}/health", timeout=20)  # gunicorn's kill came at 60 s
+            flooding.clear()
+        assert answer.status_code == 200
+    finally:
+        flooding.clear()
+        stop(process, timeout_s=10)
+    assert "WORKER TIMEOUT" not in (tmp_path / "web.log").read_text()
+
+
 @pytest.mark.processes
 def test_a_body_its_client_cut_short_is_counted_as_499_not_as_a_bad_request(make_stack):
     stack = make_stack()
