@@ -9,6 +9,7 @@ EXIF rotation, bring any mode down to 8-bit L/RGB/RGBA, resize, put transparency
 from __future__ import annotations
 
 import io
+import re
 
 import numpy as np
 from PIL import ExifTags, Image, UnidentifiedImageError
@@ -20,6 +21,21 @@ Image.MAX_IMAGE_PIXELS = MAX_PIXELS
 # The most JPEG and GIF can store. Wider is no photo but a trick: a 200-byte animated WebP whose
 # canvas is 3,000,000 x 16 pixels costs Pillow seconds, as its read loop is quadratic in row length.
 MAX_SIDE = 65535
+
+# A picture with more pixels than this per byte of its file is a decompression bomb (a 37-byte GIF, a 38-byte
+# WebP declaring 7000x7000): the best real compression, deflate on a 1-bit PNG, reaches about 8,300.
+# Below CHEAP_PIXELS a bomb costs little to decode (a solid colour compresses that well, too).
+MAX_PIXELS_PER_BYTE = 10_000
+CHEAP_PIXELS = 4_000_000
+# The structure past which a file is a bomb, not a photo (cameras write up to about a dozen JPEG scans and two
+# dozen segments or PNG chunks): libjpeg decodes a progressive JPEG a scan at a time over the whole image (a
+# 1.8 MB file of 60,000 tiny scans held a web worker for a minute), and Pillow reads a JPEG's header a marker at
+# a time, and any junk between markers a byte at a time, in Python (3.9 million empty comments: 11 s), and a
+# PNG's chunks before its pixels one at a time (1.3 million private chunks: 4.6 s).
+MAX_JPEG_SCANS = 100
+MAX_SEGMENTS = 1000
+MAX_JPEG_JUNK = 64 * 1024
+_FILL = re.compile(rb"\xff+")
 
 # The formats people upload. Pillow reads dozens more, but each is decoder code that clients could
 # aim at, and EPS would run Ghostscript on the upload. JPEG's opener also reads MPO (phone photos).
@@ -66,16 +82,26 @@ def open_image(data: bytes, height: int, width: int, mode: str = "RGB") -> Image
     """
     if not data:
         raise InvalidImage("the image file is empty")
+    if data.startswith(b"\xff\xd8\xff"):  # JPEG (and MPO): checked before Pillow reads its header
+        _check_jpeg(data)
+    elif data.startswith(b"\x89PNG\r\n\x1a\n"):
+        _check_png(data)
     try:
         image = Image.open(io.BytesIO(data), formats=FORMATS)
     except UnidentifiedImageError:
         raise InvalidImage("the file is not an image in a supported format") from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):  # Pillow's backstop
         raise InvalidImage(f"the image has more than {MAX_PIXELS:,} pixels") from None
-    if image.width * image.height > MAX_PIXELS or max(image.size) > MAX_SIDE:
+    pixels = image.width * image.height
+    if pixels > MAX_PIXELS or max(image.size) > MAX_SIDE:
         raise InvalidImage(
             f"the image is {image.width}x{image.height} pixels; the most accepted is {MAX_PIXELS:,} pixels, "
             f"{MAX_SIDE} on a side"
+        )
+    if pixels > max(CHEAP_PIXELS, MAX_PIXELS_PER_BYTE * len(data)):
+        raise InvalidImage(
+            f"the image declares {image.width}x{image.height} pixels in a file of {len(data):,} bytes: "
+            "a decompression bomb, not a picture"
         )
     image.seek(0)  # animated images: the first frame
     # JPEG can decode at 1/2, 1/4 or 1/8 scale for almost nothing, so a 12 MP photo meant for a
@@ -85,6 +111,43 @@ def open_image(data: bytes, height: int, width: int, mode: str = "RGB") -> Image
     image.draft(mode, (side, side))
     image.load()
     return _upright(image)
+
+
+def _check_jpeg(data: bytes) -> None:
+    """Refuse a JPEG whose header or scans would cost far more to read than a photo's (MAX_JPEG_*). Walks the
+    header a segment at a time, as Pillow will, skipping runs in C, and counts the scans in C: a marker can stand
+    nowhere else, as the data between markers escapes every 0xFF."""
+    at, segments, junk = 2, 0, 0
+    while at < len(data) - 3 and segments <= MAX_SEGMENTS and junk <= MAX_JPEG_JUNK:
+        if data[at] != 0xFF:  # junk, which Pillow skips a byte at a time
+            following = data.find(b"\xff", at)
+            following = len(data) if following < 0 else following
+            junk, at = junk + following - at, following
+            continue
+        marker = _FILL.match(data, at).end()  # the byte after any fill (0xFF bytes), each also skipped alone
+        junk, at = junk + marker - at - 1, marker - 1
+        if marker == len(data) or data[marker] == 0xDA:  # the first scan: what follows is libjpeg's, in C
+            break
+        if data[marker] == 0x00:  # an escaped 0xFF out of place
+            junk, at = junk + 2, at + 2
+        else:
+            segments += 1
+            standalone = data[marker] == 0x01 or 0xD0 <= data[marker] <= 0xD9
+            at += 2 if standalone else 2 + int.from_bytes(data[marker + 1 : marker + 3], "big")
+    if segments > MAX_SEGMENTS or junk > MAX_JPEG_JUNK:
+        raise InvalidImage(f"the JPEG's header has more than {MAX_SEGMENTS} segments, or junk between them")
+    if data.count(b"\xff\xda", at) > MAX_JPEG_SCANS:
+        raise InvalidImage(f"the JPEG has more than {MAX_JPEG_SCANS} scans")
+
+
+def _check_png(data: bytes) -> None:
+    """Refuse a PNG with more than MAX_SEGMENTS chunks before its pixels."""
+    at = 8
+    for _ in range(MAX_SEGMENTS + 1):
+        if at + 8 > len(data) or data[at + 4 : at + 8] == b"IDAT":  # Pillow tells of a file cut short
+            return
+        at += 12 + int.from_bytes(data[at : at + 4], "big")  # length, type, data, CRC
+    raise InvalidImage(f"the PNG has more than {MAX_SEGMENTS} chunks before its pixels")
 
 
 def _upright(image: Image.Image) -> Image.Image:

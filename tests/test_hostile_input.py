@@ -15,6 +15,7 @@ import itertools
 import json
 import pathlib
 import socket
+import struct
 import zlib
 from collections.abc import Iterator
 
@@ -434,6 +435,52 @@ def test_valid_variants_are_served(served, client, case):
 def test_formats_outside_the_list_are_never_handed_to_pillow_plugins(name):
     with pytest.raises(images.InvalidImage, match="supported format"):
         images.decode((CORPUS / name).read_bytes(), 8, 8, 1)
+
+
+# Files far costlier to read than their size says, built around small real pictures: refused before Pillow
+# reads them, with one piece fewer than the limit still served.
+PICTURE = Image.fromarray(np.tile(np.arange(0, 256, 4, dtype=np.uint8), (48, 1)))  # 64x48 stripes
+JPEG = encode(PICTURE.convert("RGB"), "JPEG", progressive=True)
+PNG_STRIPES = encode(PICTURE, "PNG")
+
+
+def scans(count: int) -> bytes:
+    """The progressive JPEG with its last scan repeated until it has `count`."""
+    last = JPEG.rindex(b"\xff\xda")
+    return JPEG[:-2] + JPEG[last:-2] * (count - JPEG.count(b"\xff\xda")) + JPEG[-2:]
+
+
+def after_jfif(filler: bytes, count: int) -> bytes:
+    """The JPEG with `filler` repeated `count` times after its first segment (JFIF: 20 bytes in)."""
+    return JPEG[:20] + filler * count + JPEG[20:]
+
+
+def png_chunks(count: int) -> bytes:
+    """The PNG with `count` private chunks between its header and its pixels."""
+    private = struct.pack(">I", 0) + b"prVt" + struct.pack(">I", zlib.crc32(b"prVt"))
+    return PNG_STRIPES[:33] + private * count + PNG_STRIPES[33:]
+
+
+def solid_webp(side: int) -> bytes:
+    return encode(Image.new("RGB", (side, side), "teal"), "WEBP", lossless=True)  # about 50 bytes
+
+
+COSTLY = {  # the file just past the limit, one just inside it, and a word the refusal says
+    "scans": (scans(images.MAX_JPEG_SCANS + 1), scans(images.MAX_JPEG_SCANS), "scans"),
+    "comments": (after_jfif(b"\xff\xfe\x00\x02", 1000), after_jfif(b"\xff\xfe\x00\x02", 990), "segments"),
+    "junk": (after_jfif(b"\x00", images.MAX_JPEG_JUNK + 1), after_jfif(b"\x00", 1000), "junk"),
+    "fill": (after_jfif(b"\xff", images.MAX_JPEG_JUNK + 2), after_jfif(b"\xff", 1000), "junk"),
+    "png chunks": (png_chunks(images.MAX_SEGMENTS), png_chunks(images.MAX_SEGMENTS - 2), "chunks"),
+    "tiny canvas": (solid_webp(2001), solid_webp(2000), "bomb"),  # 2000x2000: images.CHEAP_PIXELS
+}
+
+
+@pytest.mark.parametrize("costly", COSTLY.values(), ids=COSTLY.keys())
+def test_a_file_far_costlier_to_read_than_its_size_is_refused_before_it_is_read(costly):
+    refused, served, word = costly
+    with pytest.raises(images.InvalidImage, match=word):
+        images.decode(refused, 8, 8, 1)
+    assert images.decode(served, 8, 8, 1).shape == (8, 8, 1)
 
 
 # What gunicorn refuses before the app sees it: a real web server process.
