@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import io
 import os
 import pathlib
 import signal
@@ -13,6 +14,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from typing import NamedTuple
 from urllib.parse import urlparse
 
@@ -20,6 +22,7 @@ import numpy as np
 import pytest
 import redis
 import requests
+from PIL import Image
 from werkzeug.test import TestResponse
 
 from scripts.processes import REPO, Stack, free_port, http_ok, start_python, stop, wait_until
@@ -247,6 +250,27 @@ def test_a_client_sending_a_body_nobody_reads_leaves_the_worker_to_its_other_cli
         flooding.clear()
         stop(process, timeout_s=10)
     assert "WORKER TIMEOUT" not in (tmp_path / "web.log").read_text()
+
+
+@pytest.mark.processes
+def test_a_v2_request_of_many_images_lets_its_worker_answer_others_between_them(make_stack):
+    """It held them all until its deadline: up to 1,024 images, each decoded without a pause."""
+    stack = make_stack(WEB_WORKERS="1")
+    stack.model_server()
+    url = stack.web_server()
+    picture = io.BytesIO()
+    Image.new("1", (2000, 2000)).save(picture, "PNG")  # 566 bytes, 10 ms to decode here
+    images = [base64.b64encode(picture.getvalue()).decode()] * 1000
+    body = {"inputs": [{"name": "image", "datatype": "BYTES", "shape": [len(images)], "data": images}]}
+    with ThreadPoolExecutor(1) as pool:
+        many = pool.submit(
+            requests.post, f"{url}/v2/models/digits/infer", json=body, headers={"X-Request-Timeout-Ms": "2000"}
+        )
+        time.sleep(0.5)  # its images are being decoded
+        assert requests.get(f"{url}/health", timeout=60).status_code == 200
+        answered_first = many.done()
+        assert many.result(timeout=60).status_code == 504  # its deadline came while decoding
+    assert not answered_first
 
 
 @pytest.mark.processes
