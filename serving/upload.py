@@ -206,7 +206,7 @@ def _decompressed(data: bytes, encoding: str, limit: int | None) -> bytes:
 
 def _from_json(request: Request) -> Upload:
     try:
-        body = json.loads(read_body(request))  # decompressed, so not request.get_json()
+        body = json.loads(read_body(request), object_pairs_hook=_json_object)  # decompressed: not get_json()
     except (ValueError, RecursionError) as exc:  # also bad UTF-8, an int of 5,000 digits, arrays nested deeply
         raise ApiError(400, "bad_request", f"the body is not valid JSON ({exc!s:.100}): {_JSON_SHAPE}") from None
     if not isinstance(body, dict):
@@ -217,6 +217,12 @@ def _from_json(request: Request) -> Upload:
     if not isinstance(encoded, str):
         raise ApiError(400, "bad_request", '"image" must be a string holding the base64 of the image file')
     return _upload(b64decode(encoded), body, request.args)
+
+
+def _json_object(pairs: list[tuple[str, object]]) -> dict:
+    """A JSON object, refused as a form is when it names an option or the image twice: json.loads keeps the last."""
+    _refuse_repeated(MultiDict(pairs))
+    return dict(pairs)
 
 
 def _refuse_cut_off_body(request: Request) -> None:

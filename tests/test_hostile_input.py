@@ -187,6 +187,16 @@ SHAPES = {
         400,
         "bad_request",
     ),
+    "image twice in the JSON body": (
+        dict(data=f'{{"image": "{base64.b64encode(PNG).decode()}", "image": "zzzz"}}', headers=JSON),
+        400,
+        "bad_request",
+    ),
+    "top_k twice in the JSON body": (
+        dict(data=f'{{"image": "{base64.b64encode(PNG).decode()}", "top_k": 2, "top_k": 3}}', headers=JSON),
+        400,
+        "bad_request",
+    ),
     "timeout_ms twice in a JSON request's query": (
         dict(json={"image": base64.b64encode(PNG).decode()}, params=[("timeout_ms", 900), ("timeout_ms", 5)]),
         400,
