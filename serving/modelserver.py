@@ -256,7 +256,10 @@ class ModelServer:
             try:
                 self._answer_batch(batch)
             except redis.RedisError as exc:  # its jobs stay in the slot: the slot's next take requeues them
-                log.warning("could not answer a batch (%s); its jobs go back to the queue", exc)
+                # Unless Redis ran them after this server gave up on its reply (it stalled): then they went out.
+                log.warning(
+                    "could not confirm a batch's answers (%s); unless they went out, its jobs are requeued", exc
+                )
             except Exception:  # the same, rather than a pipeline that stops answering
                 log.exception("could not answer a batch; its jobs go back to the queue")
             finally:
