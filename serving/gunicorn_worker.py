@@ -154,6 +154,8 @@ def json_error(sock: socket.socket, status_int: int, reason: str, mesg: str) -> 
     from serving import metrics
     from serving.errors import code_for, contract_shape
 
+    if status_int == 501:  # an unknown Transfer-Encoding (RFC 9112 suggests 501): the client's mistake, so a 4xx
+        status_int, reason = 400, "Bad Request"
     metrics.observe_request("gunicorn", status_int, 0.0)
     body = json.dumps(contract_shape(code_for(status_int, reason), mesg)).encode()
     head = f"HTTP/1.1 {status_int} {reason}\r\nConnection: close\r\nContent-Type: application/json\r\n"

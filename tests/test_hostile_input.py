@@ -501,21 +501,24 @@ def test_requests_gunicorn_cannot_parse_get_the_contracts_json_too(make_stack):
     url = make_stack().web_server()
     host, port = url.removeprefix("http://").split(":")
     both_lengths = b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Length: 4\r\nTransfer-Encoding: chunked\r\n\r\n"
+    unknown_coding = b"POST /predict HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: foo\r\n\r\nx"  # was a 501
 
     answers = [
         requests.get(f"{url}/models?model={'x' * 5000}", timeout=10),
         requests.post(f"{url}/predict", headers={"X-Request-Timeout-Ms": "1" * 9000}, timeout=10),
         raw_answer(host, int(port), both_lengths),
+        raw_answer(host, int(port), unknown_coding),
     ]
 
-    assert [a.status_code for a in answers] == [414, 431, 400]
-    for answer, code in zip(answers, ["uri_too_long", "request_header_fields_too_large", "bad_request"], strict=True):
+    assert [a.status_code for a in answers] == [414, 431, 400, 400]
+    codes = ["uri_too_long", "request_header_fields_too_large", "bad_request", "bad_request"]
+    for answer, code in zip(answers, codes, strict=True):
         assert answer.headers["Content-Type"] == "application/json"
         assert answer.json()["success"] is False and answer.json()["error"]["code"] == code
         assert answer.json()["error"]["message"]
     counted = requests.get(f"{url}/metrics", timeout=10).text  # whichever worker answered each
-    for status in (414, 431, 400):
-        assert f'serving_requests_total{{route="gunicorn",status="{status}"}} 1.0' in counted, counted
+    for status, times in ((414, 1), (431, 1), (400, 2)):
+        assert f'serving_requests_total{{route="gunicorn",status="{status}"}} {times}.0' in counted, counted
 
 
 @pytest.mark.processes
