@@ -423,3 +423,15 @@ def test_malformed_and_reshaped_jobs_are_answered_or_dropped_and_the_rest_comput
     assert (counts["malformed"], counts["model_changed"]) == (5, 1)
     assert sorted(model_servers.computed) == sorted(blocker + ids)
     wait_until(lambda: held(r, server) == [0, 0, 0], 10, "nothing in flight")
+
+
+def test_the_model_tier_benchmark_sees_every_job_answered(own_redis):
+    """`make bench-model`'s drain, with the servable that computes nothing: it counted answers with LLEN and
+    failed once the inbox became a stream, which no test ran."""
+    from bench.model_tier import NoModel, drain
+
+    url, process = own_redis()
+    result = drain(NoModel(), url, process.pid, batch_size=8, count=64)
+
+    assert result["jobs"] == 64 and result["batches"] >= 8 and result["images_per_s"] > 0
+    assert set(result["stage_ms"]) == {"take", "decode", "model", "answer"}
