@@ -30,11 +30,21 @@ CHEAP_PIXELS = 4_000_000
 # The structure past which a file is a bomb, not a photo (cameras write up to about a dozen JPEG scans and two
 # dozen segments or PNG chunks): libjpeg decodes a progressive JPEG a scan at a time over the whole image (a
 # 1.8 MB file of 60,000 tiny scans held a web worker for a minute), and Pillow reads a JPEG's header a marker at
-# a time, and any junk between markers a byte at a time, in Python (3.9 million empty comments: 11 s), and a
-# PNG's chunks before its pixels one at a time (1.3 million private chunks: 4.6 s).
+# a time, and any junk between markers a byte at a time, in Python (3.9 million empty comments: 11 s), a PNG's
+# chunks one at a time (1.3 million private chunks before its pixels: 4.6 s; after them, or a million 1-byte
+# IDATs: 2.5 s), and a TIFF's numbers one at a time, a Python object each (6 million tiles: 10 s to open,
+# 32 s and 2 GB to decode). A TIFF may have a strip a row, so up to MAX_SIDE of them.
 MAX_JPEG_SCANS = 100
+# And a scan costs as much as the image has pixels: 100 scans of 7000x7000 took 3 s. Photos have about ten.
+MAX_JPEG_SCAN_PIXELS = 20 * MAX_PIXELS
 MAX_SEGMENTS = 1000
 MAX_JPEG_JUNK = 64 * 1024
+MAX_PNG_CHUNKS = 100_000
+MAX_TIFF_VALUES = 65535
+# TIFF field types that Pillow unpacks a number at a time (not BYTE, ASCII or UNDEFINED, read as bytes).
+_TIFF_NUMBERS = {3, 4, 5, 8, 9, 10, 11, 12, 13, 16, 17, 18}
+# Pillow decodes RLE-compressed BMP in Python, a byte at a time: 5.4 s for a 7 KB file of 50 MP.
+_BMP_RLE = (1, 2)
 _FILL = re.compile(rb"\xff+")
 
 # The formats people upload. Pillow reads dozens more, but each is decoder code that clients could
@@ -82,27 +92,14 @@ def open_image(data: bytes, height: int, width: int, mode: str = "RGB") -> Image
     """
     if not data:
         raise InvalidImage("the image file is empty")
-    if data.startswith(b"\xff\xd8\xff"):  # JPEG (and MPO): checked before Pillow reads its header
-        _check_jpeg(data)
-    elif data.startswith(b"\x89PNG\r\n\x1a\n"):
-        _check_png(data)
+    _check_structure(data)
     try:
         image = Image.open(io.BytesIO(data), formats=FORMATS)
     except UnidentifiedImageError:
         raise InvalidImage("the file is not an image in a supported format") from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):  # Pillow's backstop
         raise InvalidImage(f"the image has more than {MAX_PIXELS:,} pixels") from None
-    pixels = image.width * image.height
-    if pixels > MAX_PIXELS or max(image.size) > MAX_SIDE:
-        raise InvalidImage(
-            f"the image is {image.width}x{image.height} pixels; the most accepted is {MAX_PIXELS:,} pixels, "
-            f"{MAX_SIDE} on a side"
-        )
-    if pixels > max(CHEAP_PIXELS, MAX_PIXELS_PER_BYTE * len(data)):
-        raise InvalidImage(
-            f"the image declares {image.width}x{image.height} pixels in a file of {len(data):,} bytes: "
-            "a decompression bomb, not a picture"
-        )
+    _check_size(image, data)
     image.seek(0)  # animated images: the first frame
     # JPEG can decode at 1/2, 1/4 or 1/8 scale for almost nothing, so a 12 MP photo meant for a
     # 224x224 model is never decoded at full size. A square of the larger side keeps the image
@@ -111,6 +108,35 @@ def open_image(data: bytes, height: int, width: int, mode: str = "RGB") -> Image
     image.draft(mode, (side, side))
     image.load()
     return _upright(image)
+
+
+def _check_size(image: Image.Image, data: bytes) -> None:
+    """Refuse an opened image whose pixels would cost far more to decode than a photo of its file's size."""
+    pixels, file_bytes = image.width * image.height, len(data)
+    if pixels > MAX_PIXELS or max(image.size) > MAX_SIDE:
+        raise InvalidImage(
+            f"the image is {image.width}x{image.height} pixels; the most accepted is {MAX_PIXELS:,} pixels, "
+            f"{MAX_SIDE} on a side"
+        )
+    if pixels > max(CHEAP_PIXELS, MAX_PIXELS_PER_BYTE * file_bytes):
+        raise InvalidImage(
+            f"the image declares {image.width}x{image.height} pixels in a file of {file_bytes:,} bytes: "
+            "a decompression bomb, not a picture"
+        )
+    if image.format in ("JPEG", "MPO") and data.count(b"\xff\xda") * pixels > MAX_JPEG_SCAN_PIXELS:
+        raise InvalidImage(f"the JPEG has more scans than a photo of {image.width}x{image.height} pixels")
+    if image.format == "BMP" and image.info.get("compression") in _BMP_RLE and pixels > CHEAP_PIXELS:
+        raise InvalidImage(f"an RLE-compressed BMP of over {CHEAP_PIXELS:,} pixels; send it uncompressed or as PNG")
+
+
+def _check_structure(data: bytes) -> None:
+    """Refuse a file whose structure would cost far more to read than a photo's, before Pillow reads any of it."""
+    if data.startswith(b"\xff\xd8\xff"):  # JPEG, and MPO
+        _check_jpeg(data)
+    elif data.startswith(b"\x89PNG\r\n\x1a\n"):
+        _check_png(data)
+    elif data[:4] in (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+"):  # TIFF, and BigTIFF
+        _check_tiff(data)
 
 
 def _check_jpeg(data: bytes) -> None:
@@ -141,13 +167,36 @@ def _check_jpeg(data: bytes) -> None:
 
 
 def _check_png(data: bytes) -> None:
-    """Refuse a PNG with more than MAX_SEGMENTS chunks before its pixels."""
-    at = 8
-    for _ in range(MAX_SEGMENTS + 1):
-        if at + 8 > len(data) or data[at + 4 : at + 8] == b"IDAT":  # Pillow tells of a file cut short
+    """Refuse a PNG of more than MAX_SEGMENTS chunks before its pixels, or MAX_PNG_CHUNKS in all."""
+    at, before_pixels = 8, True
+    for chunk in range(MAX_PNG_CHUNKS + 1):
+        if at + 8 > len(data):  # the end, or a file cut short, which Pillow tells of
             return
+        kind = data[at + 4 : at + 8]
+        before_pixels = before_pixels and kind != b"IDAT"
+        if before_pixels and chunk >= MAX_SEGMENTS:
+            raise InvalidImage(f"the PNG has more than {MAX_SEGMENTS} chunks before its pixels")
         at += 12 + int.from_bytes(data[at : at + 4], "big")  # length, type, data, CRC
-    raise InvalidImage(f"the PNG has more than {MAX_SEGMENTS} chunks before its pixels")
+    raise InvalidImage(f"the PNG has more than {MAX_PNG_CHUNKS:,} chunks")
+
+
+def _check_tiff(data: bytes) -> None:
+    """Refuse a TIFF whose first directory (the frame we decode) holds more than MAX_SEGMENTS fields, or a field of
+    more than MAX_TIFF_VALUES numbers (strip or tile offsets, resolutions...)."""
+    order, big = ("little" if data[:2] == b"II" else "big"), data[2:4] in (b"+\x00", b"\x00+")
+    word, entry = (8, 20) if big else (4, 12)  # offsets and counts; one field's entry
+
+    def number(at: int, size: int) -> int:
+        return int.from_bytes(data[at : at + size], order)
+
+    directory = number(8 if big else 4, word)
+    fields = number(directory, 8 if big else 2)
+    if fields > MAX_SEGMENTS:
+        raise InvalidImage(f"the TIFF has more than {MAX_SEGMENTS} fields in its first directory")
+    first = directory + (8 if big else 2)
+    for at in range(first, first + fields * entry, entry):
+        if number(at + 2, 2) in _TIFF_NUMBERS and number(at + 4, word) > MAX_TIFF_VALUES:
+            raise InvalidImage(f"a field of the TIFF holds more than {MAX_TIFF_VALUES:,} numbers")
 
 
 def _upright(image: Image.Image) -> Image.Image:

@@ -22,7 +22,7 @@ from collections.abc import Iterator
 import numpy as np
 import pytest
 import requests
-from PIL import Image
+from PIL import Image, TiffImagePlugin
 
 from serving import images
 from settings import Settings
@@ -454,10 +454,13 @@ JPEG = encode(PICTURE.convert("RGB"), "JPEG", progressive=True)
 PNG_STRIPES = encode(PICTURE, "PNG")
 
 
-def scans(count: int) -> bytes:
+BIG_JPEG = encode(Image.new("L", (3200, 3200), 128), "JPEG", progressive=True)  # 98 scans of it: over 1e9
+
+
+def scans(count: int, jpeg: bytes = JPEG) -> bytes:
     """The progressive JPEG with its last scan repeated until it has `count`."""
-    last = JPEG.rindex(b"\xff\xda")
-    return JPEG[:-2] + JPEG[last:-2] * (count - JPEG.count(b"\xff\xda")) + JPEG[-2:]
+    last = jpeg.rindex(b"\xff\xda")
+    return jpeg[:-2] + jpeg[last:-2] * (count - jpeg.count(b"\xff\xda")) + jpeg[-2:]
 
 
 def after_jfif(filler: bytes, count: int) -> bytes:
@@ -465,10 +468,26 @@ def after_jfif(filler: bytes, count: int) -> bytes:
     return JPEG[:20] + filler * count + JPEG[20:]
 
 
-def png_chunks(count: int) -> bytes:
-    """The PNG with `count` private chunks between its header and its pixels."""
+def png_chunks(count: int, after_pixels: bool = False) -> bytes:
+    """The PNG with `count` private chunks between its header and its pixels, or between its pixels and its end."""
     private = struct.pack(">I", 0) + b"prVt" + struct.pack(">I", zlib.crc32(b"prVt"))
-    return PNG_STRIPES[:33] + private * count + PNG_STRIPES[33:]
+    at = len(PNG_STRIPES) - 12 if after_pixels else 33  # before IEND, or after IHDR
+    return PNG_STRIPES[:at] + private * count + PNG_STRIPES[at:]
+
+
+def tiff_numbers(count: int) -> bytes:
+    """A small TIFF with a field of `count` numbers (SHORT), as a TIFF of that many strips or tiles has."""
+    field = TiffImagePlugin.ImageFileDirectory_v2()
+    field[65000], field.tagtype[65000] = tuple(n % 65536 for n in range(count)), 3
+    return encode(Image.new("L", (4, 4)), "TIFF", tiffinfo=field)
+
+
+def rle_bmp(width: int, height: int) -> bytes:
+    """An 8-bit RLE BMP of one pixel a row, each row then ended (Pillow fills the rest, in Python)."""
+    data, palette = b"\x01\x00\x00\x00" * height + b"\x00\x01", bytes(range(256)) * 4
+    info = struct.pack("<IiiHHIIiiII", 40, width, height, 1, 8, 1, len(data), 2835, 2835, 256, 0)
+    offset = 14 + len(info) + len(palette)
+    return b"BM" + struct.pack("<IHHI", offset + len(data), 0, 0, offset) + info + palette + data
 
 
 def solid_webp(side: int) -> bytes:
@@ -481,6 +500,14 @@ COSTLY = {  # the file just past the limit, one just inside it, and a word the r
     "junk": (after_jfif(b"\x00", images.MAX_JPEG_JUNK + 1), after_jfif(b"\x00", 1000), "junk"),
     "fill": (after_jfif(b"\xff", images.MAX_JPEG_JUNK + 2), after_jfif(b"\xff", 1000), "junk"),
     "png chunks": (png_chunks(images.MAX_SEGMENTS), png_chunks(images.MAX_SEGMENTS - 2), "chunks"),
+    "png chunks after the pixels": (
+        png_chunks(images.MAX_PNG_CHUNKS, after_pixels=True),
+        png_chunks(images.MAX_PNG_CHUNKS - 5, after_pixels=True),
+        "chunks",
+    ),
+    "tiff numbers": (tiff_numbers(images.MAX_TIFF_VALUES + 1), tiff_numbers(images.MAX_TIFF_VALUES), "numbers"),
+    "rle bmp": (rle_bmp(2001, 2000), rle_bmp(2000, 2000), "RLE"),  # 2000x2000: images.CHEAP_PIXELS
+    "scans of many pixels": (scans(98, BIG_JPEG), BIG_JPEG, "scans"),
     "tiny canvas": (solid_webp(2001), solid_webp(2000), "bomb"),  # 2000x2000: images.CHEAP_PIXELS
 }
 
