@@ -475,6 +475,15 @@ def png_chunks(count: int, after_pixels: bool = False) -> bytes:
     return PNG_STRIPES[:at] + private * count + PNG_STRIPES[at:]
 
 
+GIF = encode(PICTURE, "GIF")
+
+
+def gif_comment(sub_blocks: int) -> bytes:
+    """The GIF with a comment of `sub_blocks` 1-byte sub-blocks before its first image."""
+    at = 13 + 3 * 2 ** ((GIF[10] & 7) + 1)  # past the header and the global colour table
+    return GIF[:at] + b"\x21\xfe" + b"\x01x" * sub_blocks + b"\x00" + GIF[at:]
+
+
 def tiff_numbers(count: int) -> bytes:
     """A small TIFF with a field of `count` numbers (SHORT), as a TIFF of that many strips or tiles has."""
     field = TiffImagePlugin.ImageFileDirectory_v2()
@@ -505,6 +514,7 @@ COSTLY = {  # the file just past the limit, one just inside it, and a word the r
         png_chunks(images.MAX_PNG_CHUNKS - 5, after_pixels=True),
         "chunks",
     ),
+    "gif blocks": (gif_comment(images.MAX_GIF_BLOCKS), gif_comment(images.MAX_GIF_BLOCKS - 1), "blocks"),
     "tiff numbers": (tiff_numbers(images.MAX_TIFF_VALUES + 1), tiff_numbers(images.MAX_TIFF_VALUES), "numbers"),
     "rle bmp": (rle_bmp(2001, 2000), rle_bmp(2000, 2000), "RLE"),  # 2000x2000: images.CHEAP_PIXELS
     "scans of many pixels": (scans(98, BIG_JPEG), BIG_JPEG, "scans"),
