@@ -252,6 +252,40 @@ def test_a_client_sending_a_body_nobody_reads_leaves_the_worker_to_its_other_cli
     assert "WORKER TIMEOUT" not in (tmp_path / "web.log").read_text()
 
 
+# 1-byte chunks, each with a 4 KB extension: bytes always waiting, and little data for a lot of parsing.
+TINY_CHUNKS = (b"1;a=" + b"b" * 4000 + b"\r\nx\r\n") * 256
+
+
+@pytest.mark.processes
+def test_a_chunked_body_of_tiny_chunks_leaves_the_worker_to_its_other_clients(redis_url, tmp_path):
+    """gunicorn parses chunks in Python without a pause while bytes keep coming: the app's read of such a body
+    held every other client of the worker until gunicorn killed it."""
+    port = free_port()
+    env = {"REDIS_URL": redis_url, "PORT": str(port), "WEB_WORKERS": "1", "REQUEST_TIMEOUT_S": "5"}
+    process = start_python("web_server.py", env, tmp_path / "web.log", inherit_settings=False)
+    flooding = threading.Event()
+
+    def flood(sock: socket.socket) -> None:
+        with contextlib.suppress(OSError):  # the server closes it, in the end
+            while flooding.is_set():
+                sock.sendall(TINY_CHUNKS)
+
+    try:
+        wait_until(lambda: http_ok(f"http://127.0.0.1:{port}/health"), 60, "the web server", process)
+        with socket.create_connection(("127.0.0.1", port), timeout=20) as endless:
+            head = "POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; boundary=b\r\n"
+            endless.sendall(f"{head}Transfer-Encoding: chunked\r\n\r\n".encode())
+            flooding.set()
+            threading.Thread(target=flood, args=(endless,), daemon=True).start()
+            answers = [requests.get(f"http://127.0.0.1:{port}/health", timeout=20) for _ in range(3)]
+            flooding.clear()
+        assert [answer.status_code for answer in answers] == [200] * 3  # gunicorn's kill came at 35 s
+    finally:
+        flooding.clear()
+        stop(process, timeout_s=10)
+    assert "WORKER TIMEOUT" not in (tmp_path / "web.log").read_text()
+
+
 @pytest.mark.processes
 def test_a_v2_request_of_many_images_lets_its_worker_answer_others_between_them(make_stack):
     """It held them all until its deadline: up to 1,024 images, each decoded without a pause."""
