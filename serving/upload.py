@@ -225,11 +225,12 @@ def _decompressed(data: bytes, encoding: str, limit: int | None) -> bytes:
 
 def _from_json(request: Request) -> Upload:
     try:
-        body = json.loads(read_body(request), object_pairs_hook=_json_object)  # decompressed: not get_json()
+        body = json.loads(read_body(request), object_pairs_hook=_JsonObject)  # decompressed: not get_json()
     except (ValueError, RecursionError) as exc:  # also bad UTF-8, an int of 5,000 digits, arrays nested deeply
         raise ApiError(400, "bad_request", f"the body is not valid JSON ({exc!s:.100}): {_JSON_SHAPE}") from None
     if not isinstance(body, dict):
         raise ApiError(400, "bad_request", f"the JSON body must be an object: {_JSON_SHAPE}")
+    _refuse_repeated(MultiDict((name, value) for name, value in body.pairs if value is not None))
     encoded = body.get("image")
     if encoded in (None, ""):
         raise ApiError(400, "missing_image", f'the JSON body has no "image": send {_JSON_SHAPE}')
@@ -238,10 +239,13 @@ def _from_json(request: Request) -> Upload:
     return _upload(b64decode(encoded), body, request.args)
 
 
-def _json_object(pairs: list[tuple[str, object]]) -> dict:
-    """A JSON object, refused as a form is when it names an option or the image twice: json.loads keeps the last."""
-    _refuse_repeated(MultiDict(pairs))
-    return dict(pairs)
+class _JsonObject(dict):
+    """A JSON object that keeps its pairs as given: json.loads keeps the last of a repeated key, and the body's
+    image and options given twice are refused, as in a form."""
+
+    def __init__(self, pairs: list[tuple[str, object]]) -> None:
+        super().__init__(pairs)
+        self.pairs = pairs
 
 
 def _refuse_cut_off_body(request: Request) -> None:

@@ -413,6 +413,12 @@ VALID = {
     "base64 in 76-column lines": dict(json={"image": base64.encodebytes(PNG).decode()}),
     "JSON top_k as a string": dict(json={"image": base64.b64encode(PNG).decode(), "top_k": "10"}),
     "JSON top_k null means the default": dict(json={"image": base64.b64encode(PNG).decode(), "top_k": None}),
+    "JSON top_k twice, both null": dict(
+        data=f'{{"image": "{base64.b64encode(PNG).decode()}", "top_k": null, "top_k": null}}', headers=JSON
+    ),
+    "JSON top_k twice inside another key's object": dict(
+        data=f'{{"image": "{base64.b64encode(PNG).decode()}", "x": {{"top_k": 1, "top_k": 2}}}}', headers=JSON
+    ),
     "top_k with spaces": dict(files={"image": ("a.png", PNG)}, data={"top_k": " 2 "}),
     "top_k 1 in the query": dict(files={"image": ("a.png", PNG)}, params={"top_k": "1"}),
     "empty top_k means the default": dict(files={"image": ("a.png", PNG)}, data={"top_k": ""}),
