@@ -214,6 +214,38 @@ def test_a_request_whose_body_stalls_has_its_connection_closed_once_past_its_dea
     assert http_ok(f"http://{url.netloc}/health")
 
 
+@contextlib.contextmanager
+def one_worker(redis_url: str, tmp_path: pathlib.Path, **env: str) -> Iterator[int]:
+    """The port of a web server of one worker, which gunicorn must not have had to kill by the block's end."""
+    port = free_port()
+    env = {"REDIS_URL": redis_url, "PORT": str(port), "WEB_WORKERS": "1", **env}
+    process = start_python("web_server.py", env, tmp_path / "web.log", inherit_settings=False)
+    try:
+        wait_until(lambda: http_ok(f"http://127.0.0.1:{port}/health"), 60, "the web server", process)
+        yield port
+    finally:
+        stop(process, timeout_s=10)
+    assert "WORKER TIMEOUT" not in (tmp_path / "web.log").read_text()
+
+
+@contextlib.contextmanager
+def flooded(sock: socket.socket, payload: bytes) -> Iterator[None]:
+    """`payload` sent on `sock` again and again, as fast as it goes, within the block."""
+    flooding = threading.Event()
+    flooding.set()
+
+    def flood() -> None:
+        with contextlib.suppress(OSError):  # the server closes it, in the end
+            while flooding.is_set():
+                sock.sendall(payload)
+
+    threading.Thread(target=flood, daemon=True).start()
+    try:
+        yield
+    finally:
+        flooding.clear()
+
+
 ENDLESS_BODIES = {  # a header announcing it, and what comes of it again and again
     "declared 1 TB": (b"Content-Length: 1099511627776", b"x" * 2**20),
     "chunked": (b"Transfer-Encoding: chunked", b"100000\r\n" + b"x" * 2**20 + b"\r\n"),
@@ -226,30 +258,12 @@ def test_a_client_sending_a_body_nobody_reads_leaves_the_worker_to_its_other_cli
     """After its answer gunicorn read what was left of the body without yielding: a client sending one endless
     body at full speed held every other connection of its worker until gunicorn killed it."""
     announced, again = body
-    port = free_port()
-    env = {"REDIS_URL": redis_url, "PORT": str(port), "WEB_WORKERS": "1"}
-    process = start_python("web_server.py", env, tmp_path / "web.log", inherit_settings=False)
-    flooding = threading.Event()
-
-    def flood(sock: socket.socket) -> None:
-        with contextlib.suppress(OSError):  # the server closes it, in the end
-            while flooding.is_set():
-                sock.sendall(again)
-
-    try:
-        wait_until(lambda: http_ok(f"http://127.0.0.1:{port}/health"), 60, "the web server", process)
-        with socket.create_connection(("127.0.0.1", port), timeout=20) as endless:
-            endless.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n" + announced + b"\r\n\r\n")
-            assert endless.recv(4096).startswith(b"HTTP/1.1 200 ")  # answered without reading the body
-            flooding.set()
-            threading.Thread(target=flood, args=(endless,), daemon=True).start()
+    with one_worker(redis_url, tmp_path) as port, socket.create_connection(("127.0.0.1", port), timeout=20) as endless:
+        endless.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n" + announced + b"\r\n\r\n")
+        assert endless.recv(4096).startswith(b"HTTP/1.1 200 ")  # answered without reading the body
+        with flooded(endless, again):
             answer = requests.get(f"http://127.0.0.1:{port}/health", timeout=20)  # gunicorn's kill came at 60 s
-            flooding.clear()
-        assert answer.status_code == 200
-    finally:
-        flooding.clear()
-        stop(process, timeout_s=10)
-    assert "WORKER TIMEOUT" not in (tmp_path / "web.log").read_text()
+    assert answer.status_code == 200
 
 
 # 1-byte chunks, each with a 4 KB extension: bytes always waiting, and little data for a lot of parsing.
@@ -260,30 +274,15 @@ TINY_CHUNKS = (b"1;a=" + b"b" * 4000 + b"\r\nx\r\n") * 256
 def test_a_chunked_body_of_tiny_chunks_leaves_the_worker_to_its_other_clients(redis_url, tmp_path):
     """gunicorn parses chunks in Python without a pause while bytes keep coming: the app's read of such a body
     held every other client of the worker until gunicorn killed it."""
-    port = free_port()
-    env = {"REDIS_URL": redis_url, "PORT": str(port), "WEB_WORKERS": "1", "REQUEST_TIMEOUT_S": "5"}
-    process = start_python("web_server.py", env, tmp_path / "web.log", inherit_settings=False)
-    flooding = threading.Event()
-
-    def flood(sock: socket.socket) -> None:
-        with contextlib.suppress(OSError):  # the server closes it, in the end
-            while flooding.is_set():
-                sock.sendall(TINY_CHUNKS)
-
-    try:
-        wait_until(lambda: http_ok(f"http://127.0.0.1:{port}/health"), 60, "the web server", process)
-        with socket.create_connection(("127.0.0.1", port), timeout=20) as endless:
-            head = "POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; boundary=b\r\n"
-            endless.sendall(f"{head}Transfer-Encoding: chunked\r\n\r\n".encode())
-            flooding.set()
-            threading.Thread(target=flood, args=(endless,), daemon=True).start()
+    head = b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; boundary=b\r\n"
+    with (
+        one_worker(redis_url, tmp_path, REQUEST_TIMEOUT_S="5") as port,
+        socket.create_connection(("127.0.0.1", port), timeout=20) as endless,
+    ):
+        endless.sendall(head + b"Transfer-Encoding: chunked\r\n\r\n")
+        with flooded(endless, TINY_CHUNKS):
             answers = [requests.get(f"http://127.0.0.1:{port}/health", timeout=20) for _ in range(3)]
-            flooding.clear()
-        assert [answer.status_code for answer in answers] == [200] * 3  # gunicorn's kill came at 35 s
-    finally:
-        flooding.clear()
-        stop(process, timeout_s=10)
-    assert "WORKER TIMEOUT" not in (tmp_path / "web.log").read_text()
+    assert [answer.status_code for answer in answers] == [200] * 3  # gunicorn's kill came at 35 s
 
 
 @pytest.mark.processes
