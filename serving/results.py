@@ -127,18 +127,18 @@ class Inbox:
     def _read(self, keys: wire.ModelKeys) -> None:
         inbox, waiting = keys.inbox(self.worker_id), self._waiters[keys]
         looked, redis_run = -math.inf, _Run()
-        delivered: list[bytes] = []  # ids of the entries handed on, deleted with the next read
+        handled: list[bytes] = []  # ids of the entries read and handed on, deleted with the next read
         while not self._closed.is_set():
             try:
                 if time.monotonic() - looked >= READ_BLOCK_S:
                     looked = time.monotonic()
                     self._look(keys, waiting, redis_run)
-                entries = self._next_entries(inbox, delivered)
-                delivered = []
+                entries = self._next_entries(inbox, handled)
+                handled = []
                 for entry_id, answers in entries:
+                    handled.append(entry_id)  # first: an entry that fails its delivery must not block the rest
                     for raw in answers.values():
                         self._deliver(waiting, raw)
-                    delivered.append(entry_id)
             except redis.RedisError as exc:
                 log.warning("reading answers from %s failed: %s", inbox, exc)
                 self._closed.wait(1.0)
@@ -146,15 +146,15 @@ class Inbox:
                 log.exception("reading answers from %s failed", inbox)
                 self._closed.wait(1.0)
 
-    def _next_entries(self, inbox: str, delivered: list[bytes]) -> list[tuple[bytes, dict[bytes, bytes]]]:
-        """Delete the entries handed on, then wait up to READ_BLOCK_S for more: one round trip.
+    def _next_entries(self, inbox: str, handled: list[bytes]) -> list[tuple[bytes, dict[bytes, bytes]]]:
+        """Delete the entries handled, then wait up to READ_BLOCK_S for more: one round trip.
 
         Read, not popped: a read whose reply never arrives (Redis stalled past the socket timeout, then
         ran the read sent meanwhile for a connection already closed) leaves the answers for the next one.
         A pop there took them to nobody, and their clients waited out their deadlines for a 504."""
         with self.r.pipeline(transaction=False) as pipe:
-            if delivered:
-                pipe.xdel(inbox, *delivered)  # by id: a late or repeated delete removes nothing else
+            if handled:
+                pipe.xdel(inbox, *handled)  # by id: a late or repeated delete removes nothing else
             pipe.xread({inbox: "0-0"}, count=READ_BATCH, block=int(READ_BLOCK_S * 1000))
             *_, read = pipe.execute()
         return read[0][1] if read else []
