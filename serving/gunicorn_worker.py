@@ -46,14 +46,8 @@ STALL_SLACK_S = 15.0
 # received. A client sends its next request at once or after a pause: closed at once, a connection whose client
 # was just sending lost that request (a SIGHUP under the load of 32 clients: 9 of them).
 QUIET_S = 0.5
-# Bytes read at a time from a body the app left unread, before the other connections get a turn; of a chunked
-# one, fewer: gunicorn parses chunks in Python, and 64 KiB of 1-byte chunks, each with a 4 KB extension, is
-# 260 MB (a second of the worker's time).
+# Bytes read at a time from a body of known length the app left unread (a chunked one: upload.CHUNKED_STEP).
 DISCARD_STEP = 64 * 1024
-DISCARD_CHUNKED_STEP = 1024
-# The pause after each: above 0, so that gevent polls the other connections first (sleep(0) may run this greenlet
-# again before it does).
-DISCARD_PAUSE_S = 0.0001
 
 
 class Worker(GeventWorker):
@@ -143,10 +137,12 @@ def _discarded(body: Body, within_s: float) -> bool:
     gunicorn would drain it itself before reading the next request, but without ever yielding while data kept
     coming: a client that declared a 1 TB body (or an endless chunked one) and sent at full speed after its answer
     held the worker's every other connection until gunicorn killed the worker, and its requests with it."""
-    step = DISCARD_CHUNKED_STEP if isinstance(body.reader, ChunkedReader) else DISCARD_STEP
+    from serving.upload import CHUNKED_STEP, in_turns  # imported here, as in json_error
+
+    step = CHUNKED_STEP if isinstance(body.reader, ChunkedReader) else DISCARD_STEP
     with contextlib.suppress(Exception), gevent.Timeout(within_s, False):  # malformed chunks, a client gone
-        while body.read(step):
-            gevent.sleep(DISCARD_PAUSE_S)  # the worker's other connections get their turn
+        for _ in in_turns(body.read, step):  # the worker's other connections get their turns
+            pass
         return True
     return False
 

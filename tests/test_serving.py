@@ -266,8 +266,8 @@ def test_a_client_sending_a_body_nobody_reads_leaves_the_worker_to_its_other_cli
     assert answer.status_code == 200
 
 
-# 1-byte chunks, each with a 4 KB extension: bytes always waiting, and little data for a lot of parsing.
-TINY_CHUNKS = (b"1;a=" + b"b" * 4000 + b"\r\nx\r\n") * 256
+# 1-byte chunks, each with the longest extension gunicorn takes: bytes always waiting, little data, much parsing.
+TINY_CHUNKS = (b"1;a=" + b"b" * 8180 + b"\r\nx\r\n") * 128
 
 
 @pytest.mark.processes
