@@ -24,7 +24,7 @@ import pytest
 import requests
 from PIL import Image, TiffImagePlugin
 
-from serving import images
+from serving import image_limits, images
 from settings import Settings
 from tests.conftest import assert_rejected, send
 from tests.make_corpus import encode
@@ -510,21 +510,25 @@ def solid_webp(side: int) -> bytes:
 
 
 COSTLY = {  # the file just past the limit, one just inside it, and a word the refusal says
-    "scans": (scans(images.MAX_JPEG_SCANS + 1), scans(images.MAX_JPEG_SCANS), "scans"),
+    "scans": (scans(image_limits.MAX_JPEG_SCANS + 1), scans(image_limits.MAX_JPEG_SCANS), "scans"),
     "comments": (after_jfif(b"\xff\xfe\x00\x02", 1000), after_jfif(b"\xff\xfe\x00\x02", 990), "segments"),
-    "junk": (after_jfif(b"\x00", images.MAX_JPEG_JUNK + 1), after_jfif(b"\x00", 1000), "junk"),
-    "fill": (after_jfif(b"\xff", images.MAX_JPEG_JUNK + 2), after_jfif(b"\xff", 1000), "junk"),
-    "png chunks": (png_chunks(images.MAX_SEGMENTS), png_chunks(images.MAX_SEGMENTS - 2), "chunks"),
+    "junk": (after_jfif(b"\x00", image_limits.MAX_JPEG_JUNK + 1), after_jfif(b"\x00", 1000), "junk"),
+    "fill": (after_jfif(b"\xff", image_limits.MAX_JPEG_JUNK + 2), after_jfif(b"\xff", 1000), "junk"),
+    "png chunks": (png_chunks(image_limits.MAX_SEGMENTS), png_chunks(image_limits.MAX_SEGMENTS - 2), "chunks"),
     "png chunks after the pixels": (
-        png_chunks(images.MAX_PNG_CHUNKS, after_pixels=True),
-        png_chunks(images.MAX_PNG_CHUNKS - 5, after_pixels=True),
+        png_chunks(image_limits.MAX_PNG_CHUNKS, after_pixels=True),
+        png_chunks(image_limits.MAX_PNG_CHUNKS - 5, after_pixels=True),
         "chunks",
     ),
-    "gif blocks": (gif_comment(images.MAX_GIF_BLOCKS), gif_comment(images.MAX_GIF_BLOCKS - 1), "blocks"),
-    "tiff numbers": (tiff_numbers(images.MAX_TIFF_VALUES + 1), tiff_numbers(images.MAX_TIFF_VALUES), "numbers"),
-    "rle bmp": (rle_bmp(2001, 2000), rle_bmp(2000, 2000), "RLE"),  # 2000x2000: images.CHEAP_PIXELS
+    "gif blocks": (gif_comment(image_limits.MAX_GIF_BLOCKS), gif_comment(image_limits.MAX_GIF_BLOCKS - 1), "blocks"),
+    "tiff numbers": (
+        tiff_numbers(image_limits.MAX_TIFF_VALUES + 1),
+        tiff_numbers(image_limits.MAX_TIFF_VALUES),
+        "numbers",
+    ),
+    "rle bmp": (rle_bmp(2001, 2000), rle_bmp(2000, 2000), "RLE"),  # 2000x2000: image_limits.CHEAP_PIXELS
     "scans of many pixels": (scans(98, BIG_JPEG), BIG_JPEG, "scans"),
-    "tiny canvas": (solid_webp(2001), solid_webp(2000), "bomb"),  # 2000x2000: images.CHEAP_PIXELS
+    "tiny canvas": (solid_webp(2001), solid_webp(2000), "bomb"),  # 2000x2000: image_limits.CHEAP_PIXELS
 }
 
 
