@@ -132,12 +132,12 @@ def _ms(run, batch: np.ndarray) -> float:
     return round((time.perf_counter() - started) * 1000, 1)
 
 
-def jobs(count: int, deadline: float) -> list:
-    """`count` jobs of 224x224 RGB pixels, as the web tier queues them."""
+def jobs(count: int, deadline: float, bgr: bool = False) -> list:
+    """`count` jobs of 224x224 colour pixels, as the web tier queues them: in the model's channel order."""
     from serving import wire
 
     images = np.random.default_rng(1).integers(0, 256, (8, 224, 224, 3), np.uint8)
-    return [wire.Job(f"job-{i}", "bench", images[i % 8], deadline, 5) for i in range(count)]
+    return [wire.Job(f"job-{i}", "bench", images[i % 8], deadline, 5, bgr) for i in range(count)]
 
 
 def drain(servable, redis_url: str, redis_pid: int, batch_size: int, count: int) -> dict:
@@ -152,7 +152,7 @@ def drain(servable, redis_url: str, redis_pid: int, batch_size: int, count: int)
     r.flushall()
     keys = wire.ModelKeys(servable.info.name, servable.info.version)
     r.set(keys.alive, 1)
-    prepared = jobs(count, RedisClock(r).now() + 3600)
+    prepared = jobs(count, RedisClock(r).now() + 3600, servable.info.bgr)
     for start in range(0, count, 64):  # as web workers write them: one request's jobs in one call
         queue.submit(r, keys, prepared[start : start + 64], limit=count)
     records = []

@@ -24,7 +24,7 @@ servable = zoo.load(settings.model, settings.model_weights, settings.labels, set
 @app.post("/predict")
 def predict():  # noqa: ANN201
     info = servable.info
-    pixels = images.decode(request.files["image"].read(), info.height, info.width, info.channels)
+    pixels = images.decode(request.files["image"].read(), info.height, info.width, info.channels, info.bgr)
     probabilities = servable.served.predict(pixels[np.newaxis], verbose=0)[0]
     return jsonify(success=True, model=info.name, predictions=zoo.top_k(probabilities, list(info.labels), 5))
 

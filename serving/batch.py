@@ -66,9 +66,10 @@ class Intake:
     Later jobs join while they too fit; the rest are answered "late" at once.
     """
 
-    def __init__(self, batch: Batch, rows: np.ndarray, meter: Meter, now: float, starts_at: float) -> None:
+    def __init__(self, batch: Batch, rows: np.ndarray, bgr: bool, meter: Meter, now: float, starts_at: float) -> None:
         self.batch = batch
         self.rows = rows
+        self.bgr = bgr  # the rows' channel order (ModelInfo.bgr)
         self.meter = meter
         self.now = now  # Redis' clock, as deadlines are
         self.starts_at = starts_at  # when predict is expected to be free for this batch, on the same clock
@@ -117,7 +118,8 @@ class Intake:
             logs.event(log, "late", request_id=job.request_id)
             self._reject(job.reply_to, failure(job, "late", "the model tier cannot answer before the deadline"))
             return "late"
-        self.rows[len(self.batch.jobs)] = job.pixels
+        # A job in the other order (from a web tier that read the model's info before a replacement) is flipped.
+        self.rows[len(self.batch.jobs)] = job.pixels if job.bgr == self.bgr else job.pixels[..., ::-1]
         self.batch.jobs.append(job)
         return ""
 

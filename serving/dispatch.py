@@ -90,7 +90,7 @@ def _other_live_version(model: ModelState) -> bool:
 def pixels_of(image_file: bytes, info: wire.ModelInfo) -> np.ndarray:
     """An uploaded image file as the model's input pixels, or a 400 saying why it cannot be."""
     try:
-        return images.decode(image_file, info.height, info.width, info.channels)
+        return images.decode(image_file, info.height, info.width, info.channels, info.bgr)
     except images.InvalidImage as exc:
         raise ApiError(400, "invalid_image", f"{exc}; send a JPEG, PNG, GIF, WebP, BMP, TIFF or AVIF file") from None
 

@@ -35,8 +35,10 @@ _UPRIGHT = {
 }
 
 
-def decode(data: bytes, height: int, width: int, channels: int) -> np.ndarray:
-    """Decode, orient, convert and resize an image file to a (height, width, channels) uint8 array."""
+def decode(data: bytes, height: int, width: int, channels: int, bgr: bool = False) -> np.ndarray:
+    """Decode, orient, convert and resize an image file to a (height, width, channels) uint8 array.
+
+    Three channels come in RGB order, or in BGR if `bgr` (packed so as cheaply as RGB)."""
     if channels not in _MODES:
         raise ValueError(f"models with {channels} channels are not supported")
     try:
@@ -44,7 +46,9 @@ def decode(data: bytes, height: int, width: int, channels: int) -> np.ndarray:
         # Resizing before flattening is cheap on big images and gives the same pixels: Pillow
         # resizes RGBA with premultiplied alpha, and "over white" is linear in those.
         image = _flatten(image.resize((width, height), Image.Resampling.BILINEAR, reducing_gap=3.0))
-        return np.asarray(image.convert(_MODES[channels]), np.uint8).reshape(height, width, channels)
+        packing = "BGR" if bgr and channels == 3 else _MODES[channels]
+        pixels = image.convert(_MODES[channels]).tobytes("raw", packing)
+        return np.frombuffer(pixels, np.uint8).reshape(height, width, channels)
     except InvalidImage:
         raise
     except Exception as exc:  # Pillow raises many types on corrupt files; all mean "not an image"

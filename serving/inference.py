@@ -112,7 +112,7 @@ class InferenceClient:
         deadline: float,
         still_served: Callable[[], bool] | None = None,
     ) -> list[wire.Result]:
-        """One result per image, in order; `deadline` is on Redis' clock (serving.clock).
+        """One result per image, in order; images in the model's channel order (info.bgr), `deadline` on Redis' clock.
 
         A request that could go to another version gives `still_served`: whether its version has a live model
         server. It gets NotServed instead of being queued where no model server is registered, and while it
@@ -122,7 +122,8 @@ class InferenceClient:
         """
         ids = [request_id] if len(images) == 1 else [f"{request_id}/{n}" for n in range(len(images))]
         reply_to = self.inbox.worker_id
-        jobs = [wire.Job(i, reply_to, pixels, deadline, top_k) for i, pixels in zip(ids, images, strict=True)]
+        bgr = model.info.bgr
+        jobs = [wire.Job(i, reply_to, pixels, deadline, top_k, bgr) for i, pixels in zip(ids, images, strict=True)]
         estimate, limit = self._admission(model, len(jobs), deadline)
         with self.inbox.expect(model.keys, ids) as expected:
             self._submit(model, jobs, estimate, limit, "registered" if still_served else "alive")

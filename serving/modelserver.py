@@ -185,7 +185,8 @@ class ModelServer:
         started = time.perf_counter()
         batch = Batch(slot)
         now = self.clock.now()
-        intake = Intake(batch, self.rows[slot], self.meter, now, now + max(0.0, self._busy_until - time.monotonic()))
+        starts_at = now + max(0.0, self._busy_until - time.monotonic())
+        intake = Intake(batch, self.rows[slot], self.servable.info.bgr, self.meter, now, starts_at)
         window_s, asked, waited = self.settings.batch_wait_ms / 1000, 1, 0.0
         while True:
             decode_started = time.perf_counter()

@@ -167,9 +167,9 @@ def _input(inputs: list[tensors.Input], info: wire.ModelInfo) -> tensors.Input:
 
 
 def _pixels(tensor: tensors.Input, info: wire.ModelInfo, deadline: float) -> list[np.ndarray]:
-    """The input's images at the model's input size."""
+    """The input's images at the model's input size, in its channel order (clients send RGB)."""
     if tensor.datatype == "UINT8":
-        return list(tensor.data)
+        return [image[..., ::-1] if info.bgr else image for image in tensor.data]
     return [_decoded(n, element, info, deadline) for n, element in enumerate(tensor.data)]
 
 

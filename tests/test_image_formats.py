@@ -161,6 +161,14 @@ def test_broken_exif_leaves_the_image_as_stored(junk):
     assert np.array_equal(images.decode(encode(gradient(), "PNG", exif=junk), 24, 32, 3), plain)
 
 
+def test_bgr_packing_reverses_the_channels_of_colour_and_leaves_gray_alone():
+    data = encode(gradient(), "PNG")
+    rgb = images.decode(data, 24, 32, 3)
+    assert rgb[..., 0].any() and not np.array_equal(rgb[..., 0], rgb[..., 2])
+    assert np.array_equal(images.decode(data, 24, 32, 3, bgr=True), rgb[..., ::-1])
+    assert np.array_equal(images.decode(data, 24, 32, 1, bgr=True), images.decode(data, 24, 32, 1))
+
+
 # Animations, depth, colour modes, transparency
 
 

@@ -128,6 +128,23 @@ def test_served_probabilities_equal_keras_predict_on_numpy_preprocessed_pixels(r
     np.testing.assert_allclose(np.stack([served[i] for i in ids]), expected, atol=1e-5)
 
 
+@pytest.mark.parametrize("model", ["ResNet50", "MobileNetV2"])
+def test_a_job_in_either_channel_order_gets_the_same_answer(r, model_servers, random_models, model):
+    """The web tier sends pixels in the model's order (BGR for caffe); a job in the other order is flipped."""
+    path, mode = random_models[model]
+    servable = zoo.load(str(path), preprocess=mode, name="m")
+    model_servers.start(servable, batch_size=2)
+    rgb = np.random.default_rng(1).integers(0, 256, servable.info.shape, np.uint8)
+    deadline = RedisClock(r).now() + 30
+    jobs = [wire.Job("rgb", WORKER, rgb, deadline, None), wire.Job("bgr", WORKER, rgb[..., ::-1], deadline, None, True)]
+    assert queue.submit(r, wire.ModelKeys("m", 1), jobs, limit=10)[0] is queue.Submitted.QUEUED
+
+    served = {a.request_id: a.probabilities for a in wait_answered(r, servable, 2)}
+
+    np.testing.assert_allclose(served["rgb"], served["bgr"], rtol=1e-6)
+    assert servable.info.bgr == (mode == "caffe")
+
+
 @pytest.mark.parametrize("mode", ["caffe", "tf", "torch"])
 def test_the_preprocessing_in_the_graph_is_keras_own_on_every_pixel(mode):
     """The served model's first layers against imagenet_utils.preprocess_input, pixel by pixel."""
@@ -139,7 +156,8 @@ def test_the_preprocessing_in_the_graph_is_keras_own_on_every_pixel(mode):
     pixels = np.random.default_rng(0).integers(0, 256, (4, 5, 7, 3), np.uint8)
     pixels[0, 0, 0], pixels[0, 0, 1] = (0, 0, 0), (255, 255, 255)
 
-    served = np.asarray(zoo.with_uint8_input(identity, mode).predict_on_batch(pixels))
+    in_order = pixels[..., ::-1] if zoo.takes_bgr(mode) else pixels  # as the web tier packs them
+    served = np.asarray(zoo.with_uint8_input(identity, mode).predict_on_batch(in_order))
 
     expected = imagenet_utils.preprocess_input(pixels.astype(np.float32), data_format="channels_last", mode=mode)
     np.testing.assert_allclose(served, expected, rtol=1e-6, atol=1e-6)

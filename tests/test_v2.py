@@ -19,7 +19,7 @@ import tritonclient.http as triton
 from tritonclient.utils import InferenceServerException
 
 from scripts.processes import free_port, wait_until
-from serving import connections, wire
+from serving import connections, wire, zoo
 from serving.app import create_app
 from tests.conftest import COLOURS, png, solid
 from tests.live_server import serving
@@ -183,6 +183,26 @@ def test_each_model_answers_its_own_requests(client, colours):
         "colours", [image_input([png(red)])], outputs=[triton.InferRequestedOutput("probabilities", class_count=1)]
     )
     assert top.as_numpy("probabilities")[0, 0].decode().endswith(":0:red")
+
+
+def test_a_caffe_model_gets_from_files_and_tensors_the_pixels_keras_preprocesses(model_servers, colours_file, make_app):
+    """Caffe models take BGR: the web tier packs an image file's pixels so, and flips a UINT8 tensor (sent RGB)."""
+    import keras
+    from keras.applications import imagenet_utils
+
+    model, labels = colours_file
+    servable = zoo.load(str(model), labels=str(labels), preprocess="caffe", name="caffe")
+    model_servers.start(servable)
+    rgb = np.stack([solid((240, 20, 20)), solid((10, 30, 250))])
+    x = imagenet_utils.preprocess_input(rgb.astype(np.float32), data_format="channels_last", mode="caffe")
+    expected = np.asarray(keras.saving.load_model(model).predict_on_batch(x))
+
+    with serving(make_app()) as base:
+        for tensor in (pixels_input(rgb), image_input([png(p) for p in rgb])):
+            with triton.InferenceServerClient(base.removeprefix("http://"), network_timeout=60) as client:
+                served = client.infer("caffe", [tensor]).as_numpy("probabilities")
+            np.testing.assert_allclose(served, expected, atol=1e-5)
+    assert servable.info.bgr
 
 
 def test_an_unknown_model_or_version_is_a_404_with_the_protocols_error(client, batch):

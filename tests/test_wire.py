@@ -17,6 +17,19 @@ def test_job_round_trip_keeps_every_pixel():
     assert (job.request_id, job.reply_to, job.deadline, job.top_k) == ("id-1", "worker-a", 123.5, 3)
     np.testing.assert_array_equal(job.pixels, pixels)
     assert wire.Job.decode(wire.Job("id-2", "w", pixels, 1.0, None).encode()).top_k is None  # every probability
+    assert wire.Job.decode(wire.Job("id-3", "w", pixels, 1.0, None, bgr=True).encode()).bgr
+    assert not job.bgr
+
+
+def test_channel_order_is_a_flag_rgb_when_absent():
+    assert wire.Job.decode(json.dumps({**ONE_PIXEL, "bgr": True})).bgr
+    assert not wire.Job.decode(json.dumps({k: v for k, v in ONE_PIXEL.items() if k != "bgr"})).bgr
+    info = json.loads(wire.ModelInfo("m", 2, 3, 1, 3, ("a", "b"), bgr=True).encode())
+    assert wire.ModelInfo.decode(json.dumps(info)).bgr
+    assert not wire.ModelInfo.decode(json.dumps({k: v for k, v in info.items() if k != "bgr"})).bgr
+    for wrong in (1, "true", None):
+        with pytest.raises(wire.MalformedMessage):
+            wire.ModelInfo.decode(json.dumps({**info, "bgr": wrong}))
 
 
 # A well-formed one-pixel job, and jobs that each break one thing of it.
@@ -25,6 +38,7 @@ ONE_PIXEL = {
     "reply_to": "w",
     "shape": [1, 1, 1],
     "dtype": "uint8",
+    "bgr": False,
     "data": "AA==",
     "deadline": 1,
     "top_k": 3,
@@ -35,11 +49,14 @@ BROKEN = [
     {**ONE_PIXEL, "shape": [0, 1, 1]},
     {**ONE_PIXEL, "data": "AAAA"},  # three bytes for one pixel
     {**ONE_PIXEL, "dtype": "float32"},
+    {**ONE_PIXEL, "bgr": 1},
 ]
 
 
 def test_the_one_pixel_job_is_well_formed():
     assert wire.Job.decode(json.dumps(ONE_PIXEL)).pixels.shape == (1, 1, 1)
+    # In Job.encode's key order, so that orjson writes it, and BROKEN's jobs, as the model server's fast path reads.
+    assert list(ONE_PIXEL) == list(orjson.loads(wire.Job("a", "w", np.zeros((1, 1, 1), np.uint8), 1, 3).encode()))
 
 
 @pytest.mark.parametrize(
