@@ -193,8 +193,7 @@ class Job:
                 "id": self.request_id,
                 "reply_to": self.reply_to,
                 "shape": list(self.pixels.shape),
-                "dtype": "uint8",
-                "bgr": self.bgr,
+                "dtype": _DTYPES[self.bgr],
                 "data": pybase64.b64encode(np.ascontiguousarray(self.pixels, np.uint8)).decode("ascii"),
                 "deadline": self.deadline,
                 "top_k": self.top_k,
@@ -227,19 +226,23 @@ class Job:
     @classmethod
     def _of(cls, msg: dict, data: str | memoryview) -> Job:
         shape = tuple(int(n) for n in msg["shape"])
-        if msg["dtype"] != "uint8" or len(shape) != 3 or min(shape) < 1:
+        if msg["dtype"] not in _DTYPES.values() or len(shape) != 3 or min(shape) < 1:
             raise MalformedMessage(f"bad dtype/shape {msg['dtype']!r} {shape}")
         pixels = np.frombuffer(pybase64.b64decode(data, validate=True), np.uint8).reshape(shape)
         top_k = None if msg["top_k"] is None else int(msg["top_k"])
-        bgr = _flag(msg.get("bgr", False))
+        bgr = msg["dtype"] == _DTYPES[True]
         return cls(str(msg["id"]), str(msg["reply_to"]), pixels, float(msg["deadline"]), top_k, bgr)
 
 
 _PARSE_ERRORS = (MalformedMessage, ValueError, KeyError, TypeError, binascii.Error)
+# A job's pixels by their channel order (Job.bgr). BGR is a dtype of its own, not a key: a model server that
+# predates BGR jobs ignores keys it does not know, and answered a BGR job for the colour-swapped image (seen
+# by a probe in a rolling upgrade), where it refuses an unknown dtype as malformed. RGB jobs are written as before.
+_DTYPES = {False: "uint8", True: "uint8-bgr"}
 # How Job.encode starts a message, up to the first character of its base64 pixels. Each string before
 # them is free of quotes and escapes, so the match ends inside the top-level "data" value and nowhere else.
 _ENCODED_HEAD = re.compile(
-    rb'\{"id":"[^"\\]*","reply_to":"[^"\\]*","shape":\[\d+,\d+,\d+\],"dtype":"uint8","bgr":(?:true|false),"data":"'
+    rb'\{"id":"[^"\\]*","reply_to":"[^"\\]*","shape":\[\d+,\d+,\d+\],"dtype":"uint8(?:-bgr)?","data":"'
 )
 
 

@@ -21,12 +21,19 @@ def test_job_round_trip_keeps_every_pixel():
     assert not job.bgr
 
 
-def test_channel_order_is_a_flag_rgb_when_absent():
-    assert wire.Job.decode(json.dumps({**ONE_PIXEL, "bgr": True})).bgr
-    assert not wire.Job.decode(json.dumps({k: v for k, v in ONE_PIXEL.items() if k != "bgr"})).bgr
+def test_a_bgr_job_has_a_dtype_of_its_own_and_an_rgb_job_is_written_as_before_bgr():
+    """A model server older than BGR jobs ignores unknown keys but refuses an unknown dtype as malformed."""
+    pixels = np.zeros((1, 1, 3), np.uint8)
+    rgb = orjson.loads(wire.Job("a", "w", pixels, 1, 3).encode())
+    bgr = orjson.loads(wire.Job("a", "w", pixels, 1, 3, bgr=True).encode())
+    assert list(rgb) == ["id", "reply_to", "shape", "dtype", "data", "deadline", "top_k"] and rgb["dtype"] == "uint8"
+    assert bgr["dtype"] != "uint8" and {**bgr, "dtype": "uint8"} == rgb
+
+
+def test_model_info_is_rgb_unless_it_says_bgr():
     info = json.loads(wire.ModelInfo("m", 2, 3, 1, 3, ("a", "b"), bgr=True).encode())
     assert wire.ModelInfo.decode(json.dumps(info)).bgr
-    assert not wire.ModelInfo.decode(json.dumps({k: v for k, v in info.items() if k != "bgr"})).bgr
+    assert not wire.ModelInfo.decode(json.dumps({k: v for k, v in info.items() if k != "bgr"})).bgr  # an older server's
     for wrong in (1, "true", None):
         with pytest.raises(wire.MalformedMessage):
             wire.ModelInfo.decode(json.dumps({**info, "bgr": wrong}))
@@ -38,7 +45,6 @@ ONE_PIXEL = {
     "reply_to": "w",
     "shape": [1, 1, 1],
     "dtype": "uint8",
-    "bgr": False,
     "data": "AA==",
     "deadline": 1,
     "top_k": 3,
@@ -49,7 +55,6 @@ BROKEN = [
     {**ONE_PIXEL, "shape": [0, 1, 1]},
     {**ONE_PIXEL, "data": "AAAA"},  # three bytes for one pixel
     {**ONE_PIXEL, "dtype": "float32"},
-    {**ONE_PIXEL, "bgr": 1},
 ]
 
 
