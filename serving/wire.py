@@ -134,11 +134,11 @@ class ModelInfo:
             msg = json.loads(raw)
             sizes = (int(msg[k]) for k in ("version", "height", "width", "channels"))
             labels = tuple(str(label) for label in msg["labels"])
-            info = cls(str(msg["name"]), *sizes, labels=labels, bgr=_flag(msg.get("bgr", False)))
+            info = cls(str(msg["name"]), *sizes, labels=labels, bgr=msg.get("bgr", False))
         except (ValueError, KeyError, TypeError) as exc:
             raise MalformedMessage(f"model info: {type(exc).__name__}: {exc}") from None
-        if min(info.shape) < 1 or not labels:
-            raise MalformedMessage(f"model info: shape {info.shape} with {len(labels)} labels")
+        if min(info.shape) < 1 or not labels or not isinstance(info.bgr, bool):
+            raise MalformedMessage(f"model info: shape {info.shape} with {len(labels)} labels, bgr {info.bgr!r:.40}")
         return info
 
 
@@ -244,12 +244,6 @@ _DTYPES = {False: "uint8", True: "uint8-bgr"}
 _ENCODED_HEAD = re.compile(
     rb'\{"id":"[^"\\]*","reply_to":"[^"\\]*","shape":\[\d+,\d+,\d+\],"dtype":"uint8(?:-bgr)?","data":"'
 )
-
-
-def _flag(value: object) -> bool:
-    if not isinstance(value, bool):
-        raise MalformedMessage(f"bgr is {value!r:.40}, not true or false")
-    return value
 
 
 def _fields_and_pixels(raw: bytes, start: int) -> tuple[dict, memoryview]:
