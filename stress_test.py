@@ -95,8 +95,8 @@ load models:
 results:
   latency statistics are over every request that got an HTTP answer, whatever its
   status; requests that got no answer (refused, reset, timed out, host not found)
-  count as errors under their exception name ("timeout" for every kind of timeout
-  while waiting for an answer, "connect_timeout" when the server did not take the
+  count as errors under their exception name ("TimeoutError" for every kind of timeout
+  while waiting for an answer, "ConnectTimeout" when the server did not take the
   connection in time, "gaierror" when the host did not resolve), non-200 answers
   under their status code; "error_codes" counts the same errors by
   the error code in the JSON body as well ("503 overloaded", "503 unavailable").
@@ -475,10 +475,11 @@ class Budget:
 
 
 def error_name(exc: BaseException) -> str:
-    # socket and gevent timeouts look alike to the user: one stable key for both, and one for connecting
-    if isinstance(exc, ConnectTimeout):
-        return "connect_timeout"
-    return "timeout" if isinstance(exc, TimeoutError) else type(exc).__name__
+    """The exception's name, as the contract counts errors; every kind of timeout while waiting for an answer
+    (socket's, gevent's) is one key, TimeoutError, and a connection never accepted is ConnectTimeout."""
+    if isinstance(exc, TimeoutError) and not isinstance(exc, ConnectTimeout):
+        return TimeoutError.__name__
+    return type(exc).__name__
 
 
 Outcome = tuple[str, str | None]  # HTTP status or error name; the error code of an error answer
@@ -503,7 +504,7 @@ def send_arrivals(arrivals: Iterable[tuple[int, float]], target: Target, timeout
         # The timeout runs from the due time: an arrival that waited for a free client has used up some of it,
         # and one that waited all of it is not sent any more, so that an overloaded run still ends.
         remaining = timeout - (time.perf_counter() - due)
-        rec.add(due, *(exchange(conn.post, request, remaining) if remaining > 0 else ("timeout", None)))
+        rec.add(due, *(exchange(conn.post, request, remaining) if remaining > 0 else ("TimeoutError", None)))
         # Take turns: an answer that is already there when asked for does not yield, so against a
         # fast server one client could otherwise go on and on while the others' answers wait.
         gevent.sleep(0)

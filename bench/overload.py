@@ -79,7 +79,7 @@ def point(run: dict, capacity: float) -> dict:
     n = run["requests"]
     statuses = run["status_counts"]
     shares = {code: statuses.get(code, 0) / n for code in ("200", "503", "504")}
-    shares["other"] = 1 - sum(shares.values())  # other statuses, and no answer at all (e.g. "timeout")
+    shares["other"] = 1 - sum(shares.values())  # other statuses, and no answer at all (e.g. "TimeoutError")
     by_status = run.get("latency_ms_by_status", {})
     # Over the run's whole duration, the open loop past the web tier's pace adds a drain of client-side
     # timeouts while the server idles; goodput_rps ends at the last 200 instead.

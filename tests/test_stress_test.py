@@ -259,7 +259,7 @@ def test_timeout_ends_a_run_against_a_hung_server(upstream, tmp_path):
     done, summary = stress(tmp_path, hang, image(tmp_path, "x.jpg"), duration=0.5, rate=4, timeout=1)
     assert done.returncode == 1
     check_consistent(summary)
-    assert summary["errors"] == {"timeout": summary["requests"]}
+    assert summary["errors"] == {"TimeoutError": summary["requests"]}
 
 
 def test_a_connection_the_server_does_not_take_is_a_connect_timeout(tmp_path):
@@ -270,7 +270,8 @@ def test_a_connection_the_server_does_not_take_is_a_connect_timeout(tmp_path):
         done, summary = stress(tmp_path, url, image(tmp_path, "x.jpg"), requests=4, concurrency=4, timeout=1)
     assert done.returncode == 1
     check_consistent(summary)
-    assert summary["errors"].get("connect_timeout", 0) >= 2 and set(summary["errors"]) <= {"connect_timeout", "timeout"}
+    errors = summary["errors"]
+    assert errors.get("ConnectTimeout", 0) >= 2 and set(errors) <= {"ConnectTimeout", "TimeoutError"}
 
 
 def test_connections_closed_by_the_server_while_idle_are_reopened(tmp_path):
