@@ -4,7 +4,7 @@ For each model and BATCH_SIZE: the ceiling is the servable's predict (the one th
 uint8 in, preprocessing inside) on a ready batch of that size, same backend, same process: the mean
 of one measure just before the drain and one just after, since on a shared machine a measure on one
 side alone moves the ratio with whatever else ran meanwhile. The model tier's figure is a model
-server (in-process, real Redis) draining a queue pre-filled with 224x224 RGB jobs exactly as the
+server (in-process, real Redis) draining a queue pre-filled with 224x224 colour jobs exactly as the
 web tier writes them, from its first take to its last answer.
 Each batch's time is split into take, decode, predict and answer from the server's own Batch
 records; preprocessing inside predict is the servable's time minus the inner model's on ready
@@ -287,7 +287,8 @@ def run_backend(backend: str, models: list[str], batches: list[int]) -> dict:
 
 def report(results: dict) -> str:
     lines = [
-        "One model server draining a full queue of 224x224 RGB jobs (real Redis), against the same "
+        "One model server draining a full queue of 224x224 colour jobs (real Redis; BGR for caffe models, "
+        "as the web tier packs them), against the same "
         "servable's predict on ready uint8 batches (`make bench-model`), measured before and after the drain, "
         "their mean the ceiling. Stage times are per full batch; "
         "the take's floor is one MGET of as many job-sized values from the same Redis, alone; cores are what the "
