@@ -6,10 +6,11 @@ arrivals: goodput (200s a second until the last 200, over the capacity), the sha
 and 504, the p99 of every answer and of the 503s, and the refusals by reason from /metrics; then
 the light run again, to show normal service right after. For digits, also a burst of 5,000
 clients at once against a default stack, compared with what its measured rate and deadline allow.
-The model server runs at nice 10 (--model-nice): both tiers share this machine's two cores, and so
-a refusal does not wait behind TensorFlow's threads, as on hosts of their own. --model-servers N
---model-threads T runs N model servers of T threads each (MODEL_THREADS), e.g. one single-threaded
-server per core. Writes bench/results/<--out, default overload>.{json,md,png}.
+The model tier is what the README recommends on a CPU host, one single-threaded model server per
+core; --model-servers N --model-threads T runs N of T threads each (MODEL_THREADS; 0: every core).
+The model servers run at nice 10 (--model-nice): both tiers share this machine's two cores, and so
+a refusal does not wait behind TensorFlow's threads, as on hosts of their own. Writes
+bench/results/<--out, default overload>.{json,md,png}.
 
     .venv/bin/python -m bench.overload [--models resnet50 digits] [--duration 20] [--levels 0.5 1 3 10]
 """
@@ -30,11 +31,12 @@ from scripts.processes import Stack
 
 LEVELS = (0.5, 0.6, 1.0, 2.0, 3.0, 5.0, 10.0)
 TIMEOUT_S = 10  # REQUEST_TIMEOUT_S of the sweep, as in issue 10
-# Two full batches: one computing, the one taken ahead filling as its answers come back. No more: past
-# the deadline's depth (0.8 x REQUEST_TIMEOUT_S x rate) admission refuses, a closed loop's refused
-# clients retry at once, and the refusals, not the model, take the cores. 96 ResNet50 clients did that
-# on a day this machine ran it at 12 req/s (a depth of 96): 33 answers in 15 s, 25,440 refusals.
-CAPACITY_CLIENTS = {"resnet50": 64, "digits": 128}
+# Per model server: a batch computing and the next filling as its answers come back (one server kept
+# 21.1 req/s with 32 clients and 21.7 with 64). No more: past the deadline's depth (0.8 x
+# REQUEST_TIMEOUT_S x rate) admission refuses, a closed loop's refused clients retry at once, and the
+# refusals, not the model, take the cores. 96 ResNet50 clients did that to one server on a day this
+# machine ran it at 12 req/s: 33 answers in 15 s, 25,440 refusals; so did 160 to two servers at 20.
+CAPACITY_CLIENTS = {"resnet50": 48, "digits": 128}
 LIGHT_CLIENTS = 4
 CAPACITY_S = 15.0
 WARM_UP_S = 10.0
@@ -46,6 +48,10 @@ BURST = 5000
 # threads. The model server runs at this nice value so that the web tier's CPU comes first, as it would
 # on hosts of its own (the model keeps its throughput: the web tier needs little of the CPU).
 MODEL_NICE = 10
+# On a CPU host the sweep runs what the README recommends there: one single-threaded model server per
+# core. A predict over every core waits at each op's end for its slowest thread, and under overload the
+# web tier's refusals interrupt one of them all the time (README: Scaling and tuning).
+CORES = len(os.sched_getaffinity(0))
 # The /metrics counters read after each point, summed over their labels but `reason` (or `status`).
 COUNTED = ("serving_refused_total", "serving_expired_total", "serving_late_total", "serving_finished_late_total")
 GONE = "serving_requests_total/499"  # requests read after their client had closed the connection, not computed
@@ -106,9 +112,12 @@ def point(run: dict, capacity: float) -> dict:
 class ModelTier:
     """How the sweep runs the model tier: how many model servers, their MODEL_THREADS, their nice value."""
 
-    servers: int = 1
-    threads: int = 0  # MODEL_THREADS: 0 is the backend's own choice, every core
+    servers: int = CORES
+    threads: int = 1  # MODEL_THREADS: 0 is the backend's own choice, every core
     nice: int = MODEL_NICE
+
+    def capacity_clients(self, name: str) -> int:
+        return CAPACITY_CLIENTS[name] * self.servers
 
     def describe(self) -> str:
         threads = f"MODEL_THREADS={self.threads}" if self.threads else "each using every core"
@@ -129,9 +138,11 @@ def sweep(name: str, levels: tuple[float, ...], duration: float, tier: ModelTier
     stack, url = stack_for(name, tier, REQUEST_TIMEOUT_S=str(TIMEOUT_S))
     try:
         cpu = Cores(stack, tier)
-        capacity, statuses = measure_capacity(url, spec.image, CAPACITY_CLIENTS[name])
+        clients = tier.capacity_clients(name)
+        capacity, statuses = measure_capacity(url, spec.image, clients)
         entry = {
             "capacity_rps": capacity,
+            "capacity_clients": clients,
             "capacity_statuses": statuses,
             "capacity_cores": cpu.since_last(),
             "points": {},
@@ -196,7 +207,7 @@ def burst(tier: ModelTier) -> dict:
     spec = model_spec("digits")
     stack, url = stack_for("digits", tier)
     try:
-        capacity, _ = measure_capacity(url, spec.image, CAPACITY_CLIENTS["digits"])
+        capacity, _ = measure_capacity(url, spec.image, tier.capacity_clients("digits"))
         before = counters(url)
         run = stress(url, spec.image, "--rate", "100000", "--requests", str(BURST), "--connections", str(BURST),
                      "--timeout", "60")  # fmt: skip
@@ -231,7 +242,7 @@ def report(results: dict) -> str:
     ]
     for name, r in results["models"].items():
         lines += [
-            f"**{name}**: capacity {r['capacity_rps']:.1f} req/s closed loop ({CAPACITY_CLIENTS[name]} clients; "
+            f"**{name}**: capacity {r['capacity_rps']:.1f} req/s closed loop ({r['capacity_clients']} clients; "
             f"statuses {r['capacity_statuses']}; cores used: {cores(r['capacity_cores'])}).",
             "",
             "| offered | req/s | requests | goodput | 200 | 503 | 504 | other | p99 ms | p99 of 503 ms "
@@ -321,14 +332,14 @@ def main() -> None:
     parser.add_argument("--levels", nargs="+", type=float, default=list(LEVELS))
     parser.add_argument("--no-burst", action="store_true", help="leave out the burst of 5,000 digits clients")
     parser.add_argument("--model-nice", type=int, default=MODEL_NICE, help="the model servers' nice value")
-    parser.add_argument("--model-servers", type=int, default=1, help="model servers per model")
-    parser.add_argument("--model-threads", type=int, default=0, help="MODEL_THREADS of each (0: every core)")
+    parser.add_argument("--model-servers", type=int, default=CORES, help="model servers per model (one per core)")
+    parser.add_argument("--model-threads", type=int, default=1, help="MODEL_THREADS of each (0: every core)")
     parser.add_argument("--out", default="overload", help="results go to bench/results/OUT.{json,md,png}")
     args = parser.parse_args()
     tier = ModelTier(args.model_servers, args.model_threads, args.model_nice)
     results = {
         "when": time.strftime("%Y-%m-%d"),
-        "machine": f"{len(os.sched_getaffinity(0))} CPU cores, no GPU",
+        "machine": f"{CORES} CPU cores, no GPU",
         "command": " ".join(["python -m bench.overload", *sys.argv[1:]]),
         "model_tier": tier.describe(),
         "models": {name: sweep(name, tuple(args.levels), args.duration, tier) for name in args.models},
