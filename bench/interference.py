@@ -6,7 +6,7 @@ bench.overload) in each layout of the model tier, alone and beside a nice-0 proc
 BURST_MS at random moments, LOAD of one core on average: the images a second of each, printed and
 written to bench/results/interference.md.
 
-    python -m bench.interference [--duration 20] [--layouts 1x0 2x1]    (servers x MODEL_THREADS)
+    python -m bench.interference [--duration 20] [--layouts 1x0 2x1] [--rounds 3]   (servers x MODEL_THREADS)
 """
 
 from __future__ import annotations
@@ -87,6 +87,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--duration", type=float, default=20.0, help="seconds of predict per run")
     parser.add_argument("--layouts", nargs="+", default=["1x0", "2x1"], help="SERVERSxMODEL_THREADS")
+    parser.add_argument("--rounds", type=int, default=3, help="each layout this often, in turn")
     parser.add_argument("--worker", nargs=2, help=argparse.SUPPRESS)  # PATH THREADS: one predict loop
     parser.add_argument("--spin", action="store_true", help=argparse.SUPPRESS)  # the load beside them
     args = parser.parse_args()
@@ -95,10 +96,11 @@ def main() -> None:
     elif args.spin:
         spin(args.duration)
     else:
-        compare(args.layouts, args.duration)
+        compare(args.layouts * args.rounds, args.duration)
 
 
 def compare(layouts: list[str], seconds: float) -> None:
+    """Each layout in turn (a layout may come again: this machine's speed drifts within minutes)."""
     command = " ".join(["python -m bench.interference", *sys.argv[1:]])
     lines = [
         f"Measured {time.strftime('%Y-%m-%d')} on {len(os.sched_getaffinity(0))} CPU cores with `{command}`:",
