@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import pathlib
 import subprocess
 import sys
@@ -28,7 +27,7 @@ from collections import Counter
 
 import numpy as np
 
-from bench.common import RESULTS, WORK, stress
+from bench.common import CORES, RESULTS, WORK, stress
 from scripts.processes import REPO, Stack
 
 CLIENTS = (1, 4, 16, 64, 256, 1000, 3000, 10000)
@@ -279,7 +278,7 @@ def main() -> None:
     results: dict = {
         "when": time.strftime("%Y-%m-%d %H:%M"),
         "commit": commit(),
-        "machine": f"{len(os.sched_getaffinity(0))} CPU cores, no GPU",
+        "machine": f"{CORES} CPU cores, no GPU",
         "command": " ".join(["python -m bench.clients", *sys.argv[1:]]),
         "duration_s": args.duration,
         "points": sweep(tuple(args.clients), args.duration),

@@ -19,6 +19,7 @@ from serving import zoo
 
 WORK = REPO / "bench" / "work"  # generated model files and images (git-ignored)
 RESULTS = REPO / "bench" / "results"
+CORES = len(os.sched_getaffinity(0))  # the CPU cores this process may run on: the machine a result names
 
 
 @dataclass(frozen=True)

@@ -21,7 +21,7 @@ import time
 
 import numpy as np
 
-from bench.common import RESULTS, model_spec
+from bench.common import CORES, RESULTS, model_spec
 from scripts.processes import REPO
 from serving import zoo
 
@@ -104,7 +104,7 @@ def compare(layouts: list[str], seconds: float) -> None:
     """Each layout in turn (a layout may come again: this machine's speed drifts within minutes)."""
     command = " ".join(["python -m bench.interference", *sys.argv[1:]])
     lines = [
-        f"Measured {time.strftime('%Y-%m-%d')} on {len(os.sched_getaffinity(0))} CPU cores with `{command}`:",
+        f"Measured {time.strftime('%Y-%m-%d')} on {CORES} CPU cores with `{command}`:",
         f"images a second of the model servers' predict of a random ResNet50 (batches of {BATCH}, nice {NICE}),",
         f"alone and beside a nice-0 process spinning {LOAD:g} of one core in bursts of {BURST_MS:g} ms.",
         "",

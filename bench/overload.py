@@ -26,7 +26,7 @@ import time
 import urllib.request
 from dataclasses import dataclass
 
-from bench.common import RESULTS, command_line, cpu_seconds, model_spec, our_stack, stress
+from bench.common import CORES, RESULTS, command_line, cpu_seconds, model_spec, our_stack, stress
 from scripts.processes import Stack
 
 LEVELS = (0.5, 0.6, 1.0, 2.0, 3.0, 5.0, 10.0)
@@ -48,10 +48,6 @@ BURST = 5000
 # threads. The model server runs at this nice value so that the web tier's CPU comes first, as it would
 # on hosts of its own (the model keeps its throughput: the web tier needs little of the CPU).
 MODEL_NICE = 10
-# On a CPU host the sweep runs what the README recommends there: one single-threaded model server per
-# core. A predict over every core waits at each op's end for its slowest thread, and under overload the
-# web tier's refusals interrupt one of them all the time (README: Scaling and tuning).
-CORES = len(os.sched_getaffinity(0))
 # The /metrics counters read after each point, summed over their labels but `reason` (or `status`).
 COUNTED = ("serving_refused_total", "serving_expired_total", "serving_late_total", "serving_finished_late_total")
 GONE = "serving_requests_total/499"  # requests read after their client had closed the connection, not computed
@@ -112,6 +108,9 @@ def point(run: dict, capacity: float) -> dict:
 class ModelTier:
     """How the sweep runs the model tier: how many model servers, their MODEL_THREADS, their nice value."""
 
+    # On a CPU host the sweep runs what the README recommends there: one single-threaded model server per
+    # core. A predict over every core waits at each op's end for its slowest thread, and under overload
+    # the web tier's refusals interrupt one of them all the time (README: Scaling and tuning).
     servers: int = CORES
     threads: int = 1  # MODEL_THREADS: 0 is the backend's own choice, every core
     nice: int = MODEL_NICE

@@ -16,7 +16,7 @@ import subprocess
 import sys
 import time
 
-from bench.common import RESULTS, ModelSpec, command_line, load_curve, model_spec, our_stack
+from bench.common import CORES, RESULTS, ModelSpec, command_line, load_curve, model_spec, our_stack
 from scripts.processes import REPO, free_port, http_ok, start_python, stop, wait_until
 
 CONCURRENCY = (1, 8, 32, 64)
@@ -124,7 +124,7 @@ def main() -> None:
     args = parser.parse_args()
     results = {
         "when": time.strftime("%Y-%m-%d"),
-        "machine": f"{_cores()} CPU cores, no GPU",
+        "machine": f"{CORES} CPU cores, no GPU",
         "command": " ".join(["python -m bench.run", *sys.argv[1:]]),
         "models": {},
     }
@@ -142,10 +142,6 @@ def main() -> None:
     (RESULTS / "latest.md").write_text(report(results))
     plot(results, str(RESULTS / "latest.png"))
     print(report(results))
-
-
-def _cores() -> int:
-    return len(os.sched_getaffinity(0))
 
 
 if __name__ == "__main__":
