@@ -31,11 +31,12 @@ from scripts.processes import Stack
 
 LEVELS = (0.5, 0.6, 1.0, 2.0, 3.0, 5.0, 10.0)
 TIMEOUT_S = 10  # REQUEST_TIMEOUT_S of the sweep, as in issue 10
-# Per model server: a batch computing and the next filling as its answers come back (one server kept
-# 21.1 req/s with 32 clients and 21.7 with 64). No more: past the deadline's depth (0.8 x
-# REQUEST_TIMEOUT_S x rate) admission refuses, a closed loop's refused clients retry at once, and the
-# refusals, not the model, take the cores. 96 ResNet50 clients did that to one server on a day this
-# machine ran it at 12 req/s: 33 answers in 15 s, 25,440 refusals; so did 160 to two servers at 20.
+# Per model server. ResNet50: a batch computing and the next filling as its answers come back (one
+# server kept 21.1 req/s with 32 clients and 21.7 with 64); digits, whose limit is the web tier: enough
+# to keep the web workers busy. No more: past the deadline's depth (0.8 x REQUEST_TIMEOUT_S x rate)
+# admission refuses, a closed loop's refused clients retry at once, and the refusals, not the model,
+# take the cores. 96 ResNet50 clients did that to one server on a day this machine ran it at 12 req/s:
+# 33 answers in 15 s, 25,440 refusals; so did 160 to two servers at 20.
 CAPACITY_CLIENTS = {"resnet50": 48, "digits": 128}
 LIGHT_CLIENTS = 4
 CAPACITY_S = 15.0
