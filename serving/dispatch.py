@@ -20,7 +20,7 @@ from serving.errors import ApiError
 from serving.inference import NotServed, Refused, TimedOut
 from serving.registry import ModelState
 from serving.upload import parse_model, parse_version
-from serving.webtier import client_gone, tier
+from serving.webtier import client_gone, closed_error, refused_error, tier
 
 T = TypeVar("T")
 
@@ -101,7 +101,7 @@ def refusals_as_http(model: ModelState, timeout_s: float) -> Iterator[None]:
     try:
         yield
     except Refused as exc:
-        raise ApiError(503, exc.reason, exc.message, {"Retry-After": exc.retry_after_header}) from None
+        raise refused_error(exc) from None
     except TimedOut as exc:
         raise ApiError(504, "timeout", exc.message or _no_answer(model, timeout_s)) from None
 
@@ -124,9 +124,8 @@ def admit_early(model: ModelState, count: int, deadline: float, timeout_s: float
     Under overload a web worker holds requests longer than some clients wait. Decoding and computing theirs
     took the cores from the clients still waiting (in `make bench-overload` at 655d5d6, 95,900 of the 440,000
     requests sent to digits at 3x, 5x and 10x its capacity), and went on for seconds after the load stopped."""
-    if client_gone(request.environ):
-        # 499 as nginx logs it: the request log and metrics count them; a client that only half-closed reads why.
-        raise ApiError(499, "client_closed", "the connection was closed before the answer; nothing was computed")
+    if client_gone(request.environ):  # gone while its body was read (serving.shedding tells those gone before)
+        raise closed_error()
     with refusals_as_http(model, timeout_s):
         tier().inference.refuse_early(model, count, deadline)
 

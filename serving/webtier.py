@@ -16,7 +16,8 @@ from flask import current_app, g
 from serving import logs, metrics, sockets, wire
 from serving.catalog import Catalog
 from serving.clock import RedisClock
-from serving.inference import InferenceClient
+from serving.errors import ApiError
+from serving.inference import InferenceClient, Refused
 from settings import Settings
 
 View = TypeVar("View", bound=Callable)
@@ -81,8 +82,9 @@ def finished(
     )
 
 
-def client_gone(environ: dict) -> bool:
-    """Whether the client has closed its connection, so that nobody would read this request's answer.
+def client_gone(environ: dict, quiet_s: float = 0.0) -> bool:
+    """Whether the client has closed its connection, so that nobody would read this request's answer; with
+    quiet_s, only if nothing has come from it for that long either.
 
     A closed connection reads as its end, once what came before is read (a request of its own sent behind
     this one is data, not an end). gunicorn gives the app its socket; under a server that does not, nothing
@@ -92,7 +94,18 @@ def client_gone(environ: dict) -> bool:
     if connection is None:
         return False
     try:
-        with sockets.plain(connection) as probe:
-            return sockets.waiting(probe) == b""  # None: open, and nothing more sent yet
+        with sockets.plain(connection) as probe:  # waiting: None while open and nothing more sent yet
+            return sockets.waiting(probe) == b"" and not (quiet_s and sockets.received_within(probe, quiet_s))
     except (OSError, ValueError):  # reset by the client, or closed by the server already
         return True
+
+
+def closed_error() -> ApiError:
+    """The answer to a request whose client is gone (client_gone): 499, as nginx logs it, which the request log
+    and metrics count; a client that only half-closed reads why."""
+    return ApiError(499, "client_closed", "the connection was closed before the answer; nothing was computed")
+
+
+def refused_error(refusal: Refused) -> ApiError:
+    """The answer to a request admission refused: 503 with Retry-After (whole seconds, at least 1)."""
+    return ApiError(503, refusal.reason, refusal.message, {"Retry-After": refusal.retry_after_header})

@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 
 from scripts.processes import wait_until
-from serving import admission, queue, registry, wire
+from serving import admission, queue, registry, shedding, wire
 from serving.admission import Estimate, batch_time
 from serving.catalog import REFRESH_S
 from serving.inference import Refused
@@ -300,8 +300,9 @@ def test_metrics_show_the_wait_estimate_of_each_model(r, make_app):
 # --- refused before the body is read (serving.shedding) ---------------------------------------------------
 
 
-def post_unread(client, path: str, headers: dict[str, str] | None = None):
-    """POST a multipart upload of DIGIT to `path`; the response, and how many bytes of the body were read."""
+def post_unread(client, path: str, headers: dict[str, str] | None = None, connection: socket.socket | None = None):
+    """POST a multipart upload of DIGIT to `path`, over `connection` as gunicorn gives the app the client's
+    socket; the response, and how many bytes of the body were read."""
     boundary = "b0undary"
     part = f'--{boundary}\r\nContent-Disposition: form-data; name="image"; filename="d.png"\r\n\r\n'.encode()
     body = io.BytesIO(part + DIGIT + f"\r\n--{boundary}--\r\n".encode())
@@ -311,6 +312,7 @@ def post_unread(client, path: str, headers: dict[str, str] | None = None):
         content_length=len(body.getvalue()),
         content_type=f"multipart/form-data; boundary={boundary}",
         headers=headers,
+        environ_overrides={"gunicorn.socket": connection} if connection else None,
     )
     return response, body.tell()
 
@@ -458,6 +460,59 @@ def test_a_request_whose_connection_is_closed_is_neither_decoded_nor_queued(r, m
     assert response.json["error"]["code"] == "client_closed"
     assert r.llen(KEYS.queue) == 0
     assert requests_counted(client, "/predict", 499) == counted + 1
+
+
+def tcp_connection() -> tuple[socket.socket, socket.socket]:
+    """(server end, client end) of a TCP connection on localhost, whose kernel tells when data last came."""
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        client_end = socket.create_connection(listener.getsockname())
+        return listener.accept()[0], client_end
+
+
+@pytest.mark.parametrize(
+    ("path", "route"), [("/predict", "/predict"), ("/v2/models/digits/infer", "/v2/models/<name>/infer")]
+)
+def test_a_request_read_late_whose_client_is_gone_is_answered_before_its_body_is_read(
+    r, make_app, monkeypatch, path, route
+):
+    """Under overload a worker reads some requests only after their clients gave up; read through the app,
+    each took the cores a refusal there does from the clients still waiting."""
+    monkeypatch.setattr(shedding, "READ_LATE_S", 0.2)
+    announce(r, ONE_A_SECOND)
+    client = make_app(request_timeout_s=TIMEOUT_S).test_client()
+    counted = requests_counted(client, route, 499)
+    server_end, client_end = tcp_connection()
+    with server_end:
+        client_end.sendall(b"POST ...")  # what gunicorn reads before the app's turn
+        client_end.close()
+        server_end.recv(100)
+        time.sleep(0.3)
+
+        response, reads = post_unread(client, path, connection=server_end)
+
+    assert (response.status_code, reads) == (499, 0)
+    error = response.json["error"]
+    assert (error if path.startswith("/v2") else error["message"]).startswith("the connection was closed")
+    assert requests_counted(client, route, 499) == counted + 1
+    assert r.llen(KEYS.queue) == 0
+
+
+def test_a_request_read_at_once_whose_client_closed_goes_through_the_app(r, make_app):
+    """The client may have closed only its sending side, and read its own answer to a bad body: a 400
+    (tests/test_serving.py). This body is good: read, then 499 before it is decoded."""
+    announce(r, ONE_A_SECOND)
+    client = make_app(request_timeout_s=TIMEOUT_S).test_client()
+    server_end, client_end = tcp_connection()
+    with server_end:
+        client_end.sendall(b"POST ...")
+        client_end.shutdown(socket.SHUT_WR)
+        server_end.recv(100)
+
+        response, reads = post_unread(client, "/predict", connection=server_end)
+        client_end.close()
+
+    assert (response.status_code, response.json["error"]["code"]) == (499, "client_closed")
+    assert reads > 0 and r.llen(KEYS.queue) == 0
 
 
 def test_a_client_that_waits_or_sent_its_next_request_is_served_and_one_that_half_closed_is_told(client, served):
