@@ -107,13 +107,17 @@ def summary(run: dict) -> dict:
     }
 
 
+def children(pid: int) -> list[int]:
+    """The process IDs of a process' children (gunicorn's workers)."""
+    with open(f"/proc/{pid}/task/{pid}/children") as f:
+        return [int(c) for c in f.read().split()]
+
+
 def cpu_seconds(pid: int) -> float:
     """User + system CPU time of a process and its children (gunicorn's workers) so far."""
     ticks = os.sysconf("SC_CLK_TCK")
-    with open(f"/proc/{pid}/task/{pid}/children") as f:
-        children = [int(c) for c in f.read().split()]
     total = 0.0
-    for each in (pid, *children):
+    for each in (pid, *children(pid)):
         with open(f"/proc/{each}/stat") as f:
             fields = f.read().rpartition(")")[2].split()
         total += (int(fields[11]) + int(fields[12])) / ticks  # utime, stime
