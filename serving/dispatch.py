@@ -124,7 +124,7 @@ def admit_early(model: ModelState, count: int, deadline: float, timeout_s: float
     Under overload a web worker holds requests longer than some clients wait. Decoding and computing theirs
     took the cores from the clients still waiting (in `make bench-overload` at 655d5d6, 95,900 of the 440,000
     requests sent to digits at 3x, 5x and 10x its capacity), and went on for seconds after the load stopped."""
-    if client_gone(request.environ):  # gone while its body was read (serving.shedding tells those gone before)
+    if client_gone(request.environ):  # serving.shedding answered those it read late, before Flask
         raise closed_error()
     with refusals_as_http(model, timeout_s):
         tier().inference.refuse_early(model, count, deadline)

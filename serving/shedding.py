@@ -14,7 +14,7 @@ URL and headers alone, whenever they already decide that the model it goes to is
   REQUEST_TIMEOUT_S (a timeout in the body only ever shortens it, which refuses more);
 - one image (a v2 request may hold more, which refuses more).
 
-A request read late (READ_LATE_S) whose client has closed its connection since (serving.webtier.client_gone) is
+A request read late (READ_LATE_S) whose client has closed its connection (serving.webtier.client_gone) is
 answered 499 here too, whenever its URL decides the model version as above. A web worker with more than its
 cores can do reads some requests only after their clients gave up (digits at three times its capacity: 13,488
 in 20 s), and through the app each cost what a refusal there does.
