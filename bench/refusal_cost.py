@@ -5,14 +5,14 @@ Closed loop, 128 clients posting the digits PNG, the web workers' CPU per reques
 - a refusal through the app: `timeout_ms=1`, parsed and answered 504 before any decoding or queueing;
 - a canned 503 from gunicorn's gevent worker (ours) with no Flask behind it: the least a refusal costs
   in a Python web worker.
-Then requests whose clients close the connection right after sending them, a new connection each, read
-late (the web workers stopped meanwhile), as those whose clients gave up waiting are read under overload:
-what the web tier spends on each, answering 499.
 A web tier whose CPU is the bottleneck, refusing at a share r of an answer's cost, keeps g = (1 - k r)
 / (1 - r) of its capacity at k times it: what it serves and refuses add up to its CPU, g + r (k - g) = 1.
 Then the same canned 503 in open loop at RATES, posting the 640x480 JPEG of ResNet50's overload sweep:
 what a refusal costs when refusals come as they do past a slow model's capacity (200 a second at 10x
 ResNet50 here), a few at a time, each waking a worker that had gone idle.
+Then requests whose clients close the connection right after sending them, a new connection each, read
+late (the web workers stopped meanwhile), as those whose clients gave up waiting are read under overload:
+what the web tier spends on each, answering 499.
 Writes bench/results/refusal_cost.md.
 
     .venv/bin/python -m bench.refusal_cost [--duration 15]
