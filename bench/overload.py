@@ -139,12 +139,15 @@ def sweep(name: str, levels: tuple[float, ...], duration: float, tier: ModelTier
     try:
         cpu = Cores(stack, tier)
         clients = tier.capacity_clients(name)
-        capacity, statuses = measure_capacity(url, spec.image, clients)
+        closed = measure_capacity(url, spec.image, clients)
+        capacity = goodput_rps(closed)
         entry = {
             "capacity_rps": capacity,
             "capacity_clients": clients,
-            "capacity_statuses": statuses,
+            "capacity_statuses": closed["status_counts"],
             "capacity_cores": cpu.since_last(),
+            # against each point's: the load generator's CPU at 10x comes out of the web tier's cores
+            "capacity_client_cpu_percent": closed["client_cpu_percent"],
             "points": {},
         }
         entry["light_before"] = light(url, spec.image, capacity)
@@ -182,13 +185,12 @@ class Cores:
         return {"model": sum(map(cpu_seconds, self.model_pids)), "web": cpu_seconds(self.web_pid)}
 
 
-def measure_capacity(url: str, image: pathlib.Path, clients: int) -> tuple[float, dict[str, int]]:
-    """200s a second, closed loop, after a warm-up at the same load (a new stack gets faster for seconds);
-    and the statuses of that run: a closed loop refused by admission retries at once, and its refusals
-    then take the cores from the model."""
+def measure_capacity(url: str, image: pathlib.Path, clients: int) -> dict:
+    """The closed-loop run whose 200s a second are the capacity, after a warm-up at the same load (a new stack
+    gets faster for seconds). Its statuses matter too: a closed loop refused by admission retries at once, and
+    its refusals then take the cores from the model."""
     stress(url, image, "--duration", str(WARM_UP_S), "--concurrency", str(clients))
-    closed = stress(url, image, "--duration", str(CAPACITY_S), "--concurrency", str(clients))
-    return goodput_rps(closed), closed["status_counts"]
+    return stress(url, image, "--duration", str(CAPACITY_S), "--concurrency", str(clients))
 
 
 def open_loop(rate: float, duration: float, connections: int = CONNECTIONS) -> list[str]:
@@ -207,7 +209,7 @@ def burst(tier: ModelTier) -> dict:
     spec = model_spec("digits")
     stack, url = stack_for("digits", tier)
     try:
-        capacity, _ = measure_capacity(url, spec.image, tier.capacity_clients("digits"))
+        capacity = goodput_rps(measure_capacity(url, spec.image, tier.capacity_clients("digits")))
         before = counters(url)
         run = stress(url, spec.image, "--rate", "100000", "--requests", str(BURST), "--connections", str(BURST),
                      "--timeout", "60")  # fmt: skip
@@ -243,7 +245,8 @@ def report(results: dict) -> str:
     for name, r in results["models"].items():
         lines += [
             f"**{name}**: capacity {r['capacity_rps']:.1f} req/s closed loop ({r['capacity_clients']} clients; "
-            f"statuses {r['capacity_statuses']}; cores used: {cores(r['capacity_cores'])}).",
+            f"statuses {r['capacity_statuses']}; cores used: {cores(r['capacity_cores'])}; load generator "
+            f"CPU {r['capacity_client_cpu_percent']:.0f}%).",
             "",
             "| offered | req/s | requests | goodput | 200 | 503 | 504 | other | p99 ms | p99 of 503 ms "
             "| refused (wait / queue_limit) | late / finished late / expired | client gone (499) "
