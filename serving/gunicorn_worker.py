@@ -26,12 +26,14 @@ import json
 import signal
 import socket
 import time
+from collections.abc import Iterator
 from functools import partial
 
 import gevent
 from gevent.server import StreamServer
 from gunicorn import util
 from gunicorn.http.body import Body, ChunkedReader
+from gunicorn.http.message import Request
 from gunicorn.workers.ggevent import GeventWorker
 
 from serving import sockets
@@ -67,12 +69,17 @@ class Worker(GeventWorker):
     def handle_request(self, listener_name, req, sock, addr) -> None:  # noqa: ANN001
         """gunicorn's, within request_limit_s: past it, the connection is closed with nothing more sent. A
         connection kept open has what the app left of the body read first, and is closed if it does not come
-        within keepalive."""
+        within keepalive. A client that asked before sending its body (Expect: 100-continue) is asked for it
+        only when the app reads it (_AskedOnRead)."""
         self.idle.pop(sock, None)
+        body = req.body
+        if getattr(req, "_expected_100_continue", False):  # gunicorn's create() would say 100 Continue at once
+            req._expected_100_continue = False
+            req.body = _AskedOnRead(req, sock)
         try:
             with gevent.Timeout(self.request_limit_s) as limit:
                 super().handle_request(listener_name, req, sock, addr)  # StopIteration: to be closed
-            if not _discarded(req.body, self.cfg.keepalive):
+            if not _discarded(body, self.cfg.keepalive):
                 raise StopIteration
         except gevent.Timeout as exc:
             if exc is not limit:
@@ -80,6 +87,7 @@ class Worker(GeventWorker):
             self.log.warning("closed a connection: %s %s not done in %g s", req.method, req.path, self.request_limit_s)
             raise StopIteration from None  # gunicorn's handle() then closes the connection
         finally:
+            req.body = body  # gunicorn's parser drains it before the connection's next request
             self.idle[sock] = time.monotonic()  # handle() forgets it once the connection closes
 
     def handle_exit(self, sig, frame) -> None:  # noqa: ANN001
@@ -117,6 +125,44 @@ class Worker(GeventWorker):
         server = StreamServer(listener, handle=partial(self.handle, listener), spawn=spawn, **ssl)
         server.max_accept = ACCEPT_AT_ONCE
         return server
+
+
+class _AskedOnRead:
+    """A request body whose client asked before sending it (Expect: 100-continue, as curl does for a body over
+    1 MB): the 100 Continue goes out when the app first reads it, which RFC 9110 lets a server choose.
+
+    gunicorn sent it as soon as the headers were parsed, so a client sent all of an upload the app then refused
+    unread: over MAX_UPLOAD_MB (413), or when the model was overloaded (503), where the refusals' CPU is what the
+    web tier runs short of. Never asked, the client may not send the body at all: the answer says
+    "Connection: close" and the connection ends with it, or its next request would be read as that body."""
+
+    def __init__(self, req: Request, sock: socket.socket) -> None:
+        self._req, self._sock, self._body = req, sock, req.body
+        self._closing = req.must_close
+        self._asked = False
+        req.must_close = True  # until the client is asked for its body
+
+    def _ask(self) -> None:
+        if not self._asked:
+            self._asked = True
+            self._req.must_close = self._closing
+            self._sock.sendall(b"HTTP/1.1 100 Continue\r\n\r\n")
+
+    def read(self, size: int | None = None) -> bytes:
+        self._ask()
+        return self._body.read(size)
+
+    def readline(self, size: int | None = None) -> bytes:
+        self._ask()
+        return self._body.readline(size)
+
+    def readlines(self, size: int | None = None) -> list[bytes]:
+        self._ask()
+        return self._body.readlines(size)
+
+    def __iter__(self) -> Iterator[bytes]:
+        self._ask()
+        return iter(self._body)
 
 
 def _shut_if_quiet(client: socket.socket) -> None:

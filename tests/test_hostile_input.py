@@ -18,6 +18,7 @@ import socket
 import struct
 import zlib
 from collections.abc import Iterator
+from typing import BinaryIO
 
 import numpy as np
 import pytest
@@ -591,6 +592,45 @@ def test_a_body_gunicorn_cannot_dechunk_is_a_400_in_each_apis_shape(make_stack):
     assert good.status_code == 200
     stack.wait_logged([good.headers["X-Request-ID"]])
     assert stack.batches() == [(1, [good.headers["X-Request-ID"]])]  # the good request alone was computed
+
+
+@pytest.mark.processes
+def test_a_client_that_asks_before_sending_its_body_is_asked_only_when_the_server_reads_it(make_stack):
+    """gunicorn answered Expect: 100-continue at once, before the app looked at the request: such a client (curl,
+    for a body over 1 MB) then sent all of an upload that was refused unread, here over MAX_UPLOAD_MB (a 413),
+    and under overload by the shedder (a 503)."""
+    stack = make_stack(MAX_UPLOAD_MB="1")
+    stack.model_server()
+    host, port = stack.web_server().removeprefix("http://").split(":")
+    body = b"--b\r\nContent-Disposition: form-data; name=image; filename=a.png\r\n\r\n" + PNG + b"\r\n--b--\r\n"
+    head = (
+        "POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; boundary=b\r\nExpect: 100-continue\r\n"
+    )
+
+    with socket.create_connection((host, int(port)), timeout=10) as refused:
+        refused.sendall(f"{head}Content-Length: {2**20 + 1}\r\n\r\n".encode())
+        answer = refused.makefile("rb")
+        assert answer.readline().startswith(b"HTTP/1.1 413 ")  # no 100 Continue before it
+        assert b"\r\nConnection: close\r\n" in answer.read()  # to the end: the server closes the connection
+
+    with socket.create_connection((host, int(port)), timeout=10) as served:
+        served.sendall(f"{head}Content-Length: {len(body)}\r\n\r\n".encode())
+        assert served.recv(1024) == b"HTTP/1.1 100 Continue\r\n\r\n"
+        served.sendall(body)
+        answers = served.makefile("rb")
+        assert http_answer(answers) == 200
+        served.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")  # the connection was kept open
+        assert http_answer(answers) == 200
+
+
+def http_answer(stream: BinaryIO) -> int:
+    """The status of the next answer on a connection's stream, its body read past (it has a Content-Length)."""
+    status, length = int(stream.readline().split()[1]), 0
+    while (line := stream.readline()) != b"\r\n":
+        name, _, value = line.partition(b":")
+        length = int(value) if name.lower() == b"content-length" else length
+    stream.read(length)
+    return status
 
 
 def raw_answer(host: str, port: int, request: bytes) -> requests.Response:
